@@ -1,0 +1,194 @@
+"""Slide pipeline benchmark (not a test): tile reading vs encoding vs full embed, and peak memory.
+
+    .venv/bin/python benchmarks/bench_slide.py [--slide PATH] [--encoder NAME] [--workers 2]
+
+Prints patches/s for (a) read+decode+resize through the DataLoader, (b) encoder forward on ready
+tensors, (c) the full `embed_slide`, the ratio c / min(a, b), and the peak RSS of a full
+`embed_slides` run (in a fresh process) on the real slide and on a synthetic 40,000 x 40,000
+pyramidal TIFF, to show memory does not grow with slide size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SLIDE = REPO.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
+
+
+def write_synthetic_slide(path: Path, side: int = 40_000, tile: int = 512) -> Path:
+    """Mostly blank pyramidal TIFF with two round tissue patches, written tile by tile."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    texture = rng.integers(0, 60, size=(tile, tile, 3), dtype=np.uint8)  # reused noise pattern
+    blobs = [(0.3, 0.35, 0.035), (0.7, 0.6, 0.03)]  # (cx, cy, radius) as fractions of the side
+
+    def tiles(level_side: int):
+        yy, xx = np.mgrid[0:tile, 0:tile]
+        blank = np.full((tile, tile, 3), 242, np.uint8)
+        for ty in range(0, level_side, tile):
+            for tx in range(0, level_side, tile):
+                inside = np.zeros((tile, tile), bool)
+                for cx, cy, r in blobs:
+                    cx, cy, r = cx * level_side, cy * level_side, r * level_side
+                    if abs(tx + tile / 2 - cx) < r + tile and abs(ty + tile / 2 - cy) < r + tile:
+                        inside |= (xx + tx - cx) ** 2 + (yy + ty - cy) ** 2 < r * r
+                if not inside.any():
+                    yield blank
+                    continue
+                pink = np.empty((tile, tile, 3), np.uint8)
+                pink[...] = (200, 110, 170)
+                pink -= texture
+                yield np.where(inside[..., None], pink, blank)
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        level_side = side
+        while level_side >= 512:
+            # reduced levels are flagged subfiletype 1, which OpenSlide's generic TIFF reader needs
+            tif.write(
+                tiles(level_side),
+                shape=(level_side, level_side, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="jpeg",
+                subfiletype=0 if level_side == side else 1,
+            )
+            level_side //= 4
+    return path
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("nan")
+
+
+def measure_throughput(slide_path: Path, encoder_name: str, workers: int, batch: int) -> dict:
+    from pathvlm.embed import TileDataset, embed_slide, make_tile_loader
+    from pathvlm.encoders import create_encoder
+    from pathvlm.slide import TileConfig, TissueConfig, open_slide, tile_slide
+
+    encoder, transform = create_encoder(encoder_name, vision_only=True)
+    tile_cfg, tissue_cfg = TileConfig(mpp=0.5, size=224), TissueConfig()
+    with open_slide(slide_path) as slide:
+        grid = tile_slide(slide, tile_cfg, tissue_cfg)
+        n = len(grid.coords)
+        slide_mpp = slide.mpp[0] if slide.mpp else None
+
+        # (a) read + decode + resize + transform only, through the same DataLoader path
+        dataset = TileDataset(slide_path, slide_mpp, grid, transform)
+        loader = make_tile_loader(dataset, batch, workers, encoder.device)
+        start = time.perf_counter()
+        ready = [b for b in loader]
+        t_read = time.perf_counter() - start
+
+        # (b) encoder forward only, on the tensors from (a)
+        with torch.inference_mode():
+            encoder.encode_image(ready[0])  # warm-up
+            start = time.perf_counter()
+            for b in ready:
+                encoder.encode_image(b.to(encoder.device))
+            if encoder.device.type == "cuda":
+                torch.cuda.synchronize()
+            t_enc = time.perf_counter() - start
+
+        # (c) the full pipeline, reading overlapped with encoding
+        start = time.perf_counter()
+        embed_slide(slide, encoder, transform, tile_cfg, tissue_cfg, batch, workers)
+        t_full = time.perf_counter() - start
+    a, b, c = _rate(n, t_read), _rate(n, t_enc), _rate(n, t_full)
+    return {"tiles": n, "read": a, "encode": b, "full": c, "ratio": c / min(a, b)}
+
+
+def peak_rss_child(
+    slide: Path, encoder_name: str, workers: int, batch: int, slide_mpp: float | None
+) -> dict:
+    """Run embed_slides in a fresh process and return its peak RSS.
+
+    Reader workers are forked from it and mostly share its pages, so the main process is the
+    number that would grow if tiles or features piled up in memory.
+    """
+    code = (
+        "import json, resource, sys, time\n"
+        "from pathvlm.embed import EmbedConfig, embed_slides\n"
+        f"cfg = EmbedConfig(encoder={encoder_name!r}, batch_size={batch}, num_workers={workers}, "
+        f"slide_mpp={slide_mpp!r}, progress=False)\n"
+        "out = sys.argv[2]\n"
+        "t = time.perf_counter(); r = embed_slides([sys.argv[1]], out, cfg); t = time.perf_counter() - t\n"
+        "print(json.dumps({'tiles': sum(r.n_tiles.values()), 'failed': r.failed, 'seconds': t,\n"
+        "  'self_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    )
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(slide), out],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed on {slide}:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
+    parser.add_argument("--encoder", default="openclip:pathvlm-vit-s-minilm")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--side", type=int, default=40_000, help="synthetic slide side in pixels")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"cuda {torch.cuda.is_available()}; encoder {args.encoder}; workers {args.workers}; "
+        f"batch {args.batch_size}"
+    )
+    r = measure_throughput(args.slide, args.encoder, args.workers, args.batch_size)
+    print(f"\n{args.slide.name}: {r['tiles']} tiles of 224 px at 0.5 um/px")
+    print("| stage | patches/s |\n|---|---|")
+    print(f"| (a) read + decode + resize (DataLoader) | {r['read']:.1f} |")
+    print(f"| (b) encoder forward only | {r['encode']:.1f} |")
+    print(f"| (c) full embed | {r['full']:.1f} |")
+    print(f"| c / min(a, b) | {r['ratio']:.2f} (target >= 0.8) |")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        big = write_synthetic_slide(Path(tmp) / "synthetic.tiff", side=args.side)
+        print(
+            f"\nsynthetic {args.side} x {args.side} TIFF written in {time.perf_counter() - start:.1f} s, "
+            f"{big.stat().st_size / 1e6:.1f} MB on disk"
+        )
+        rows = [
+            (
+                args.slide.name,
+                peak_rss_child(args.slide, args.encoder, args.workers, args.batch_size, None),
+            ),
+            (
+                f"synthetic {args.side}^2",
+                peak_rss_child(big, args.encoder, args.workers, args.batch_size, 0.5),
+            ),
+        ]
+    print("\n| slide | tiles | seconds | peak RSS (MB) |\n|---|---|---|---|")
+    for name, m in rows:
+        print(f"| {name} | {m['tiles']} | {m['seconds']:.1f} | {m['self_mb']:.0f} |")
+    print(
+        f"\nbench process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""Patch embedding: stream tissue tiles through an encoder and cache one feature file per slide.
+
+`embed_slides` runs a batch (folders, list files, globs; shards and torchrun/accelerate ranks;
+resume; per-slide failures reported, not fatal). `embed_slide` / `embed_image` return a FeatureBag
+in memory for one slide or one plain image (chat and zero-shot use them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pathvlm.config import from_dict
+from pathvlm.errors import ConfigError, PathVLMError, SlideError
+from pathvlm.features import FeatureBag, is_complete, write_features
+
+log = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = {
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".bif",
+    ".dcm",
+    ".svslide",
+    ".png",
+    ".jpg",
+    ".jpeg",
+}
+
+
+@dataclass
+class EmbedConfig:
+    """Settings of an embedding run (the CLI fills it; library callers build it directly)."""
+
+    encoder: str = "openclip:pathvlm-vit-s-minilm"
+    mpp: float = 0.5  # target micrometres per pixel of each tile
+    size: int = 224  # tile size in output pixels
+    slide_mpp: float | None = None  # resolution for files that do not record one
+    batch_size: int = 64
+    num_workers: int = 2
+    shard: str | None = None  # "i/n", 0-based
+    device: str | None = None  # None: CUDA when available
+    progress: bool = True
+    tissue: dict[str, Any] = field(default_factory=dict)  # TissueConfig overrides
+    tile: dict[str, Any] = field(
+        default_factory=dict
+    )  # other TileConfig fields (min_tissue, stride)
+
+
+@dataclass
+class EmbedResult:
+    """What happened to each slide of a run."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # already complete
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (slide path, reason)
+    n_tiles: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# ---------------------------------------------------------------- inputs, shards, ranks
+
+
+def collect_slides(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand slide paths, folders (non-recursive), ``.txt`` list files and globs; sorted, unique.
+
+    A path that does not exist is kept, so the run reports it as a failure instead of dropping it.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_dir():
+            found += [
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
+            ]
+        elif path.suffix.lower() == ".txt" and path.is_file():
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    entry = Path(line)
+                    found.append(entry if entry.is_absolute() else path.parent / entry)
+        elif any(ch in text for ch in "*?[") and not path.exists():
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise ConfigError(f"{text}: glob matched no files")
+            found += [Path(m) for m in matches if Path(m).is_file()]
+        else:
+            found.append(path)
+    unique = {str(p.resolve()) if p.exists() else str(p.absolute()): p for p in found}
+    return [Path(key) for key in sorted(unique)]
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"i/n"`` (0-based) -> (i, n); None -> (0, 1)."""
+    if shard is None:
+        return 0, 1
+    try:
+        index, count = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard {shard!r}: need 0 <= i < n")
+    return index, count
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun / accelerate environment variables, else (0, 1)."""
+    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE")):
+        if rank_key in os.environ and world_key in os.environ:
+            rank, world = int(os.environ[rank_key]), int(os.environ[world_key])
+            if world >= 1 and 0 <= rank < world:
+                return rank, world
+    return 0, 1
+
+
+def select_shard(
+    slides: Sequence[Path], shard: str | None, rank: tuple[int, int] | None = None
+) -> list[Path]:
+    """This process's share: the ``i::n`` shard, then split again over ranks. Disjoint and complete."""
+    index, count = parse_shard(shard)
+    mine = list(slides)[index::count]
+    r, world = rank if rank is not None else process_rank()
+    return mine[r::world]
+
+
+# ---------------------------------------------------------------- tile reading
+
+
+class TileDataset(Dataset):
+    """Tiles of one slide as transformed tensors. Each worker process opens its own slide handle."""
+
+    def __init__(
+        self,
+        slide_path: Path,
+        slide_mpp: float | None,
+        grid: Any,
+        transform: Any,
+        slide: Any = None,
+    ):
+        self.slide_path = slide_path
+        self.slide_mpp = slide_mpp
+        self.grid = grid
+        self.transform = transform
+        self._slide = slide  # only used in the main process (num_workers=0)
+        self._owner = os.getpid() if slide is not None else None
+
+    def __len__(self) -> int:
+        return len(self.grid.coords)
+
+    def _handle(self) -> Any:
+        if self._slide is None or self._owner != os.getpid():
+            from pathvlm.slide import open_slide
+
+            # OpenSlide handles must not be shared across fork: open one per worker
+            self._slide = open_slide(self.slide_path, mpp=self.slide_mpp)
+            self._owner = os.getpid()
+        return self._slide
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from pathvlm.slide import read_tile
+
+        return self.transform(read_tile(self._handle(), self.grid, i))  # [3, H, W]
+
+
+def _loader_batches(loader: DataLoader, slide_path: Path) -> Iterator[torch.Tensor]:
+    """Iterate a DataLoader, turning a worker's read failure into one SlideError line."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (PathVLMError, OSError, RuntimeError, ValueError) as exc:
+            last = [ln for ln in str(exc).splitlines() if ln.strip()]
+            raise SlideError(slide_path, f"cannot read tiles: {last[-1] if last else exc}") from exc
+        yield batch
+
+
+def _worker_init(_worker_id: int) -> None:
+    # readers decode and resize on one thread each, leaving the other cores to the encoder
+    torch.set_num_threads(1)
+
+
+def make_tile_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, device: torch.device
+) -> DataLoader:
+    """The DataLoader embedding uses: in-order batches, worker processes read ahead."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+    )
+
+
+def _autocast(device: torch.device):
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def encode_tiles(
+    encoder: Any,
+    dataset: Dataset,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "tiles",
+    slide_path: Path | None = None,
+) -> torch.Tensor:
+    """Encode every item of ``dataset`` -> float32 [N, D] on CPU; workers read while we encode."""
+    from tqdm.auto import tqdm
+
+    device = encoder.device
+    loader = make_tile_loader(dataset, batch_size, num_workers, device)
+    out: list[torch.Tensor] = []
+    bar = tqdm(total=len(dataset), desc=desc, unit="tile", leave=False, disable=not progress)
+    with torch.inference_mode(), _autocast(device):
+        for batch in _loader_batches(loader, slide_path or Path(desc)):
+            feats = encoder.encode_image(batch.to(device, non_blocking=True))  # [B, D]
+            out.append(feats.float().cpu())
+            bar.update(len(batch))
+    bar.close()
+    if not out:
+        return torch.zeros(0, encoder.embed_dim, dtype=torch.float32)
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- one slide / one image
+
+
+def _tissue_json(tissue_cfg: Any) -> str:
+    data = (
+        dataclasses.asdict(tissue_cfg) if dataclasses.is_dataclass(tissue_cfg) else dict(tissue_cfg)
+    )
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def embed_slide(
+    slide: Any,
+    encoder: Any,
+    transform: Any,
+    tile_cfg: Any,
+    tissue_cfg: Any,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> FeatureBag:
+    """Tile one open Slide and encode its tissue tiles, in memory.
+
+    Returns:
+        FeatureBag with features [N, D], coords [N, 2] (level-0 x, y) and the feature-file attrs.
+    """
+    from pathvlm import __version__
+    from pathvlm.slide import tile_slide
+
+    grid = tile_slide(slide, tile_cfg, tissue_cfg)
+    n = len(grid.coords)
+    if n == 0:
+        log.warning("%s: no tissue found, 0 tiles", slide.path)
+    slide_mpp = slide.mpp[0] if getattr(slide, "mpp", None) else None
+    dataset = TileDataset(
+        Path(slide.path), slide_mpp, grid, transform, slide=slide if num_workers == 0 else None
+    )
+    feats = encode_tiles(
+        encoder,
+        dataset,
+        batch_size,
+        num_workers if n else 0,
+        progress,
+        desc=Path(slide.path).name,
+        slide_path=Path(slide.path),
+    )
+    attrs = {
+        "encoder": encoder.name,
+        "encoder_weights_hash": encoder.weights_hash,
+        "mpp": float(grid.mpp),
+        "patch_size": int(grid.size),
+        "level": int(grid.level),
+        "level_size": int(grid.level_size),
+        "tissue_config": _tissue_json(tissue_cfg),
+        "slide_path": str(slide.path),
+        "pathvlm_version": __version__,
+    }
+    coords = torch.as_tensor(np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2))
+    return FeatureBag(feats, coords, attrs)
+
+
+def embed_image(
+    image: Any,
+    encoder: Any,
+    transform: Any,
+    size: int = 224,
+    image_mpp: float | None = None,
+    target_mpp: float | None = None,
+    batch_size: int = 64,
+) -> FeatureBag:
+    """Encode one plain PIL image as a small bag of tiles.
+
+    Choice: the image is cut into ``size`` x ``size`` tiles at its native scale (optionally first
+    resized by ``image_mpp / target_mpp`` when both are known), the last row/column shifted inward
+    so every pixel is covered without padding; an image smaller than one tile is a single tile
+    that the encoder transform resizes. Native scale keeps cell detail that whole-image resizing
+    to 224 px would lose.
+    """
+    from pathvlm import __version__
+
+    image = image.convert("RGB")
+    if image_mpp and target_mpp:
+        scale = image_mpp / target_mpp
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        )
+
+    def starts(length: int) -> list[int]:
+        if length <= size:
+            return [0]
+        pos = list(range(0, length - size + 1, size))
+        return pos if pos[-1] == length - size else [*pos, length - size]
+
+    coords = [(x, y) for y in starts(image.height) for x in starts(image.width)]
+    # clipped at the border so a thin image is not padded with black
+    tiles = [
+        image.crop((x, y, min(x + size, image.width), min(y + size, image.height)))
+        for x, y in coords
+    ]
+    with torch.inference_mode(), _autocast(encoder.device):
+        batches = [
+            torch.stack([transform(t) for t in tiles[i : i + batch_size]])
+            for i in range(0, len(tiles), batch_size)
+        ]
+        feats = torch.cat(
+            [encoder.encode_image(b.to(encoder.device)).float().cpu() for b in batches]
+        )
+    attrs = {
+        "encoder": encoder.name,
+        "encoder_weights_hash": encoder.weights_hash,
+        "patch_size": size,
+        "mpp": float(target_mpp or image_mpp or 0.0),
+        "pathvlm_version": __version__,
+    }
+    return FeatureBag(feats, torch.tensor(coords, dtype=torch.int64).reshape(-1, 2), attrs)
+
+
+# ---------------------------------------------------------------- many slides
+
+
+def _resume_key(slide_path: Path, encoder: Any, tile_cfg: Any, tissue_cfg: Any) -> dict[str, Any]:
+    stat = slide_path.stat()
+    return {
+        "encoder": encoder.name,
+        "encoder_weights_hash": encoder.weights_hash,
+        "mpp": float(tile_cfg.mpp),
+        "patch_size": int(tile_cfg.size),
+        "tile_config": _tissue_json(tile_cfg),
+        "tissue_config": _tissue_json(tissue_cfg),
+        "slide_size": int(stat.st_size),
+        "slide_mtime_ns": int(stat.st_mtime_ns),
+    }
+
+
+def embed_slides(
+    inputs: Iterable[str | Path],
+    out_dir: str | Path,
+    cfg: EmbedConfig | None = None,
+    encoder_and_transform: tuple[Any, Any] | None = None,
+) -> EmbedResult:
+    """Embed many slides into ``out_dir/<stem>.h5``; completed slides are skipped.
+
+    Args:
+        inputs: slide paths, folders, ``.txt`` list files or globs.
+        out_dir: where feature files go.
+        cfg: run settings; shard and torchrun/accelerate rank pick this process's share.
+        encoder_and_transform: an already built (encoder, transform), else ``cfg.encoder`` is created.
+
+    Returns:
+        EmbedResult; bad slides are listed in ``failed`` and do not stop the others.
+    """
+    from tqdm.auto import tqdm
+
+    from pathvlm.encoders import create_encoder
+    from pathvlm.slide import TileConfig, TissueConfig, open_slide
+
+    cfg = cfg or EmbedConfig()
+    out_dir = Path(out_dir)
+    slides = select_shard(collect_slides(inputs), cfg.shard)
+    encoder, transform = encoder_and_transform or create_encoder(cfg.encoder, device=cfg.device)
+    tissue_cfg = from_dict(TissueConfig, cfg.tissue, prefix="tissue")
+    tile_cfg = from_dict(TileConfig, {**cfg.tile, "mpp": cfg.mpp, "size": cfg.size}, prefix="tile")
+    result = EmbedResult()
+    seen: dict[str, Path] = {}
+    for slide_path in tqdm(slides, desc="slides", unit="slide", disable=not cfg.progress):
+        out_path = out_dir / f"{slide_path.stem}.h5"
+        if slide_path.stem in seen:
+            reason = f"output name {out_path.name} already used by {seen[slide_path.stem]}"
+            result.failed.append((str(slide_path), reason))
+            log.error("%s: %s", slide_path, reason)
+            continue
+        seen[slide_path.stem] = slide_path
+        try:
+            if not slide_path.is_file():
+                raise SlideError(slide_path, "file not found")
+            key = _resume_key(slide_path, encoder, tile_cfg, tissue_cfg)
+            if is_complete(out_path, key):
+                log.info("%s: complete, skipped", out_path)
+                result.skipped.append(out_path)
+                continue
+            with open_slide(slide_path, mpp=cfg.slide_mpp) as slide:
+                bag = embed_slide(
+                    slide,
+                    encoder,
+                    transform,
+                    tile_cfg,
+                    tissue_cfg,
+                    cfg.batch_size,
+                    cfg.num_workers,
+                    cfg.progress,
+                )
+            write_features(out_path, bag.features, bag.coords, {**bag.attrs, **key})
+        except PathVLMError as exc:
+            result.failed.append((str(slide_path), str(exc)))
+            log.error("%s", exc)
+            continue
+        result.written.append(out_path)
+        result.n_tiles[str(slide_path)] = len(bag)
+    return result

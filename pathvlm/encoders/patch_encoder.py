@@ -1,0 +1,154 @@
+"""`PatchEncoder`: an open_clip model behind the small interface the rest of pathvlm uses.
+
+It carries its own config so `save(dir)` writes an open_clip-style folder (`open_clip_config.json`
++ `open_clip_model.safetensors`) that `local-dir:<dir>` rebuilds bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pathvlm.encoders.archs import resolve_hf_name, resolve_text_cfg
+from pathvlm.errors import ModelError
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+
+
+def build_clip(model_cfg: dict[str, Any], pretrained_text: bool) -> nn.Module:
+    """Instantiate an open_clip CLIP / CustomTextCLIP from a model config dict (random vision init).
+
+    ``pretrained_text`` loads the HF text tower's own weights (local copy when installed); it is
+    off when a full checkpoint is about to overwrite them anyway.
+    """
+    import open_clip
+
+    cfg = resolve_text_cfg(model_cfg)
+    custom_text = cfg.pop("custom_text", False)
+    is_hf_text = "hf_model_name" in cfg.get("text_cfg", {})
+    if "multimodal_cfg" in cfg:
+        raise ModelError("CoCa-style models (multimodal_cfg) are not supported as patch encoders")
+    if is_hf_text:
+        cfg["text_cfg"]["hf_model_pretrained"] = pretrained_text
+    model_class = open_clip.CustomTextCLIP if (custom_text or is_hf_text) else open_clip.CLIP
+    try:
+        return model_class(**cfg)
+    except (OSError, TypeError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot build open_clip model from config: {exc}") from exc
+
+
+def _drop_text_tower(model: nn.Module) -> None:
+    """Remove the text tower so a vision-only encoder neither holds nor saves it."""
+    if hasattr(model, "text"):  # CustomTextCLIP
+        del model.text
+        return
+    for attr in ("transformer", "token_embedding", "ln_final"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    for attr in ("positional_embedding", "text_projection"):
+        if attr in model._parameters:
+            del model._parameters[attr]
+    if "attn_mask" in model._buffers:
+        del model._buffers["attn_mask"]
+
+
+def state_dict_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """Short sha256 over names, dtypes, shapes and raw bytes: equal iff the weights are identical."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class PatchEncoder(nn.Module):
+    """Image (and optionally text) encoder with a fixed output size ``embed_dim``.
+
+    Attributes:
+        name: the name it was created from (recorded in feature files).
+        embed_dim: size D of ``encode_image`` / ``encode_text`` outputs.
+        weights_hash: short sha256 of the weights, so features from different weights never mix.
+        has_text: whether ``encode_text`` is available.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        model_cfg: dict[str, Any],
+        preprocess_cfg: dict[str, Any],
+        vision_only: bool = False,
+    ):
+        super().__init__()
+        if vision_only:
+            _drop_text_tower(model)
+        self.name = name
+        self.model = model
+        self.model_cfg = copy.deepcopy(model_cfg)
+        self.preprocess_cfg = dict(preprocess_cfg)
+        self.has_text = not vision_only
+        self.embed_dim = int(model_cfg["embed_dim"])
+        self._tokenizer = None
+        self.weights_hash = state_dict_hash(self.model.state_dict())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """[B, 3, H, W] preprocessed images -> [B, D] embeddings (L2-normalised if asked)."""
+        return self.model.encode_image(images, normalize=normalize)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode_image(images)
+
+    def tokenizer(self):
+        """The open_clip tokenizer matching the text tower (built on first use)."""
+        if not self.has_text:
+            raise ModelError(f"encoder {self.name} has no text tower (it was built vision-only)")
+        if self._tokenizer is None:
+            from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+            text_cfg = self.model_cfg["text_cfg"]
+            context_length = text_cfg.get("context_length", 77)
+            if "hf_tokenizer_name" in text_cfg:
+                name = resolve_hf_name(text_cfg["hf_tokenizer_name"])
+                self._tokenizer = HFTokenizer(name, context_length=context_length)
+            else:
+                self._tokenizer = SimpleTokenizer(context_length=context_length)
+        return self._tokenizer
+
+    def encode_text(self, texts: list[str], normalize: bool = False) -> torch.Tensor:
+        """list of T strings -> [T, D] embeddings in the same space as ``encode_image``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        tokens = self.tokenizer()(list(texts)).to(self.device)  # [T, L]
+        return self.model.encode_text(tokens, normalize=normalize)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``open_clip_config.json`` and ``open_clip_model.safetensors`` into ``out_dir``."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "model_cfg": self.model_cfg,
+            "preprocess_cfg": self.preprocess_cfg,
+            "pathvlm": {
+                "encoder_name": self.name,
+                "vision_only": not self.has_text,
+                "weights_hash": self.weights_hash,
+            },
+        }
+        (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(tensors, str(out_dir / WEIGHTS_NAME))
+        return out_dir

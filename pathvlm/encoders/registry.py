@@ -1,0 +1,296 @@
+"""Encoder registry and `create_encoder`: every way of naming a patch encoder resolves here.
+
+Accepted names: a registered name (see `list_encoders`), `openclip:<arch>` (random init),
+`openclip:<arch>@<checkpoint>`, `local-dir:<dir>` (as written by `PatchEncoder.save`), a path to a
+checkpoint file (with an `open_clip_config.json` beside it), and `hf-hub:<org/repo>` (needs internet).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pathvlm.encoders.archs import PROJECT_ARCHS, get_arch_config
+from pathvlm.encoders.patch_encoder import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    PatchEncoder,
+    build_clip,
+    state_dict_hash,
+)
+from pathvlm.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    """One registered encoder: what `pathvlm list encoders`, docs and tests enumerate."""
+
+    name: str
+    spec: str  # what create_encoder resolves it to
+    license: str
+    gated: bool
+    description: str
+    has_text: bool = True
+    needs_internet: bool = False
+
+
+_REGISTRY: dict[str, EncoderEntry] = {}
+
+
+def register_encoder(entry: EncoderEntry) -> EncoderEntry:
+    if entry.name in _REGISTRY:
+        raise ModelError(f"encoder {entry.name!r} is already registered")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+register_encoder(
+    EncoderEntry(
+        name="openclip:pathvlm-tiny",
+        spec="openclip:pathvlm-tiny",
+        license="Apache-2.0",
+        gated=False,
+        description="tiny random ViT (width 32, 2 layers, 32 px) + tiny text tower, for tests",
+    )
+)
+register_encoder(
+    EncoderEntry(
+        name="openclip:pathvlm-vit-s-minilm",
+        spec="openclip:pathvlm-vit-s-minilm",
+        license="Apache-2.0",
+        gated=False,
+        description="CPU-sized ViT-S/16 224 px (random init) + all-MiniLM-L6-v2 text tower (local weights)",
+    )
+)
+register_encoder(
+    EncoderEntry(
+        name="quiltnet-b-32",
+        spec="hf-hub:wisdomik/QuiltNet-B-32",
+        license="MIT",
+        gated=False,
+        description="QuiltNet ViT-B/32 trained on Quilt-1M histopathology (downloads from the HF hub)",
+        needs_internet=True,
+    )
+)
+register_encoder(
+    EncoderEntry(
+        name="hf-hub:<org/repo>",
+        spec="hf-hub:<org/repo>",
+        license="per checkpoint",
+        gated=True,
+        description="any open_clip-format hub repo (CONCH-style pathology CLIPs are often gated and "
+        "non-commercial, e.g. CC-BY-NC-ND-4.0): accept the licence on the hub, log in, pass the repo",
+        needs_internet=True,
+    )
+)
+
+
+def list_encoders(details: bool = False) -> list[str] | list[EncoderEntry]:
+    """Registered encoder names (or their full entries), in registration order."""
+    entries = list(_REGISTRY.values())
+    return entries if details else [e.name for e in entries]
+
+
+def get_encoder_entry(name: str) -> EncoderEntry:
+    if name not in _REGISTRY:
+        raise ModelError(f"unknown encoder {name!r}; registered: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint with safetensors or weights-only torch.load; unwrap common containers."""
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors/pickle raise many types; all mean "not a checkpoint"
+        raise ModelError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):  # saved from DDP
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def load_weights_strict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str
+) -> None:
+    """Load ``state`` into ``model``; any missing/unexpected key or shape mismatch is a ModelError."""
+    # old transformers checkpoints store BERT position_ids, a derived buffer newer versions omit
+    own = model.state_dict()
+    state = {
+        k: v for k, v in state.items() if k in own or not k.endswith("embeddings.position_ids")
+    }
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ModelError(f"{source}: weights do not fit the architecture: {exc}") from exc
+    problems = []
+    if result.missing_keys:
+        problems.append(
+            f"missing keys: {', '.join(result.missing_keys[:8])}"
+            + (f" (+{len(result.missing_keys) - 8} more)" if len(result.missing_keys) > 8 else "")
+        )
+    if result.unexpected_keys:
+        problems.append(
+            f"unexpected keys: {', '.join(result.unexpected_keys[:8])}"
+            + (
+                f" (+{len(result.unexpected_keys) - 8} more)"
+                if len(result.unexpected_keys) > 8
+                else ""
+            )
+        )
+    if problems:
+        raise ModelError(f"{source}: weights do not match the architecture; " + "; ".join(problems))
+
+
+def _make_transform(preprocess_cfg: dict[str, Any]) -> Transform:
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
+
+
+def _default_preprocess(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    size = model_cfg["vision_cfg"].get("image_size", 224)
+    return {"size": size if isinstance(size, int) else list(size)}
+
+
+def _read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: cannot read open_clip config ({exc})") from exc
+    if not isinstance(data, dict) or "model_cfg" not in data:
+        raise ModelError(f"{path}: not an open_clip config (no 'model_cfg')")
+    model_cfg = data["model_cfg"]
+    preprocess = {**_default_preprocess(model_cfg), **data.get("preprocess_cfg", {})}
+    return model_cfg, preprocess, data.get("pathvlm", {})
+
+
+def _from_config_and_weights(
+    name: str, config_path: Path, weights_path: Path | None, vision_only: bool
+) -> tuple[PatchEncoder, Transform]:
+    model_cfg, preprocess, meta = _read_config_file(config_path)
+    vision_only = vision_only or bool(meta.get("vision_only", False))
+    model = build_clip(model_cfg, pretrained_text=weights_path is None)
+    encoder = PatchEncoder(name, model, model_cfg, preprocess, vision_only=vision_only)
+    if weights_path is not None:
+        load_weights_strict(encoder.model, _load_state_dict(weights_path), str(weights_path))
+        encoder.weights_hash = encoder_hash(encoder)
+    return encoder, _make_transform(preprocess)
+
+
+def encoder_hash(encoder: PatchEncoder) -> str:
+    return state_dict_hash(encoder.model.state_dict())
+
+
+def _find_weights(folder: Path) -> Path | None:
+    for candidate in (WEIGHTS_NAME, "open_clip_pytorch_model.bin", "model.safetensors"):
+        if (folder / candidate).is_file():
+            return folder / candidate
+    return None
+
+
+def _create_openclip(name: str, spec: str, vision_only: bool) -> tuple[PatchEncoder, Transform]:
+    arch, _, checkpoint = spec.partition("@")
+    model_cfg = get_arch_config(arch)
+    if model_cfg is None:
+        raise ModelError(
+            f"unknown open_clip architecture {arch!r} in encoder name {name!r} "
+            f"(project archs: {', '.join(PROJECT_ARCHS)}; or any open_clip.list_models())"
+        )
+    preprocess = _default_preprocess(model_cfg)
+    model = build_clip(model_cfg, pretrained_text=not checkpoint)
+    encoder = PatchEncoder(name, model, model_cfg, preprocess, vision_only=vision_only)
+    if checkpoint:
+        load_weights_strict(encoder.model, _load_state_dict(Path(checkpoint)), checkpoint)
+        encoder.weights_hash = encoder_hash(encoder)
+    return encoder, _make_transform(preprocess)
+
+
+def _create_hf_hub(name: str, repo: str, vision_only: bool) -> tuple[PatchEncoder, Transform]:
+    # users only: downloads the open_clip config and weights of a hub repo, then loads them locally
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        config_path = Path(hf_hub_download(repo, CONFIG_NAME))
+        try:
+            weights = Path(hf_hub_download(repo, WEIGHTS_NAME))
+        except EntryNotFoundError:
+            weights = Path(hf_hub_download(repo, "open_clip_pytorch_model.bin"))
+    except Exception as exc:  # network, auth (gated) and missing-file errors all end here
+        raise ModelError(f"hf-hub:{repo}: cannot download ({type(exc).__name__}: {exc})") from exc
+    return _from_config_and_weights(name, config_path, weights, vision_only)
+
+
+def create_encoder(
+    name: str, device: str | torch.device | None = None, vision_only: bool = False
+) -> tuple[PatchEncoder, Transform]:
+    """Build a patch encoder and its eval transform (PIL image -> [3, H, W] tensor).
+
+    Args:
+        name: a registered name, ``openclip:<arch>[@<checkpoint>]``, ``local-dir:<dir>``,
+            a checkpoint file path, or ``hf-hub:<org/repo>``.
+        device: where to put it; None means CUDA when available, else CPU.
+        vision_only: drop the text tower (less memory; ``encode_text`` then raises ModelError).
+
+    Returns:
+        (encoder in eval mode, transform)
+    """
+    spec = _REGISTRY[name].spec if name in _REGISTRY else name
+    if spec.startswith("openclip:"):
+        encoder, transform = _create_openclip(name, spec[len("openclip:") :], vision_only)
+    elif spec.startswith("local-dir:"):
+        folder = Path(spec[len("local-dir:") :])
+        if not (folder / CONFIG_NAME).is_file():
+            raise ModelError(f"{folder}: not an encoder directory (no {CONFIG_NAME})")
+        weights = _find_weights(folder)
+        if weights is None:
+            raise ModelError(f"{folder}: no weights file ({WEIGHTS_NAME})")
+        encoder, transform = _from_config_and_weights(
+            name, folder / CONFIG_NAME, weights, vision_only
+        )
+    elif spec.startswith("hf-hub:"):
+        if "<" in spec:
+            raise ModelError(
+                f"{name!r} is a template: pass hf-hub:<org/repo> with a real repository"
+            )
+        encoder, transform = _create_hf_hub(name, spec[len("hf-hub:") :], vision_only)
+    elif Path(spec).is_file():
+        config = Path(spec).parent / CONFIG_NAME
+        if not config.is_file():
+            raise ModelError(
+                f"{spec}: checkpoint has no {CONFIG_NAME} beside it; "
+                f"name the architecture as openclip:<arch>@{spec}"
+            )
+        encoder, transform = _from_config_and_weights(name, config, Path(spec), vision_only)
+    else:
+        raise ModelError(
+            f"unknown encoder {name!r}: not registered ({', '.join(_REGISTRY)}), "
+            "not openclip:/local-dir:/hf-hub:, and not an existing checkpoint file"
+        )
+    return encoder.to(_default_device(device)).eval(), transform
