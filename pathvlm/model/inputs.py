@@ -1,0 +1,122 @@
+"""Turn what a user asks about (slide, image, feature file, bag, case, list) into feature bags.
+
+A single slide or image is a case of one. Pixels are encoded only when no cached features are
+given, and that needs the model's encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pathvlm.errors import ModelError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+CASE_SUFFIXES = {".yaml", ".yml", ".json"}
+
+
+@dataclass
+class SlideInput:
+    """One slide's features plus the labels its prompt marker shows."""
+
+    bag: Any  # FeatureBag (features [N, D], coords [N, 2])
+    name: str | None
+    stain: str | None = None
+    part: str | None = None
+    source: str = "<input>"
+
+
+def _need_encoder(encoder: Any, what: str) -> None:
+    if encoder is None:
+        raise ModelError(f"{what}: this model has no patch encoder; pass cached features (.h5) instead")
+
+
+def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = None,
+               part: str | None = None) -> list[SlideInput]:
+    suffix = path.suffix.lower()
+    if suffix == ".h5":
+        from pathvlm.features import load_features
+
+        bag = load_features(path)
+        return [SlideInput(bag, path.stem, stain or bag.attrs.get("stain"), part, str(path))]
+    if suffix in CASE_SUFFIXES:
+        from pathvlm.case import load_case
+
+        return _from_case(load_case(path), encoder, transform)
+    if not path.exists():
+        raise ModelError(f"{path}: file not found")
+    _need_encoder(encoder, str(path))
+    if suffix in IMAGE_SUFFIXES:
+        from PIL import Image, UnidentifiedImageError
+
+        from pathvlm.embed import embed_image
+
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ModelError(f"{path}: cannot read image ({exc})") from exc
+        return [SlideInput(embed_image(image, encoder, transform), path.stem, stain, part, str(path))]
+    from pathvlm.slide import open_slide
+
+    with open_slide(path) as slide:
+        return [_from_slide(slide, encoder, transform, stain, part)]
+
+
+def _from_slide(slide: Any, encoder: Any, transform: Any, stain: str | None = None,
+                part: str | None = None) -> SlideInput:
+    from pathvlm.embed import embed_slide
+    from pathvlm.slide import TileConfig, TissueConfig
+
+    _need_encoder(encoder, str(slide.path))
+    bag = embed_slide(slide, encoder, transform, TileConfig(), TissueConfig())
+    return SlideInput(bag, slide.name, stain, part, str(slide.path))
+
+
+def _from_case(case: Any, encoder: Any, transform: Any) -> list[SlideInput]:
+    out = []
+    for ref in case.slides:
+        for item in _from_path(Path(ref.path), encoder, transform, ref.stain, ref.part):
+            item.name = ref.name
+            out.append(item)
+    return out
+
+
+def resolve_inputs(input: Any, encoder: Any = None, transform: Any = None) -> list[SlideInput]:
+    """Feature bags of every slide in ``input`` (None or [] -> no slide)."""
+    from pathvlm.features import FeatureBag
+
+    if input is None:
+        return []
+    if isinstance(input, SlideInput):
+        return [input]
+    if isinstance(input, FeatureBag):
+        name = input.path.stem if input.path else None
+        return [SlideInput(input, name, input.attrs.get("stain"), None, str(input.path or "<features>"))]
+    if isinstance(input, torch.Tensor):
+        if input.dim() != 2:
+            raise ModelError(f"a feature tensor must be [N, D], got shape {tuple(input.shape)}")
+        coords = torch.zeros(input.shape[0], 2, dtype=torch.int64)
+        return [SlideInput(FeatureBag(input, coords), None, source="<tensor>")]
+    if isinstance(input, (str, Path)):
+        return _from_path(Path(input), encoder, transform)
+    if isinstance(input, (list, tuple)):
+        return [s for item in input for s in resolve_inputs(item, encoder, transform)]
+    from pathvlm.case import Case
+
+    if isinstance(input, Case):
+        return _from_case(input, encoder, transform)
+    if hasattr(input, "read_region") and hasattr(input, "path"):  # a pathvlm Slide
+        return [_from_slide(input, encoder, transform)]
+    from PIL import Image
+
+    if isinstance(input, Image.Image):
+        from pathvlm.embed import embed_image
+
+        _need_encoder(encoder, "image")
+        return [SlideInput(embed_image(input.convert("RGB"), encoder, transform), None, source="<image>")]
+    raise ModelError(f"cannot ask about a {type(input).__name__}: give a slide, image, feature file, "
+                     "FeatureBag, Case or a list of these")

@@ -1,0 +1,112 @@
+"""Run directories (config.yaml, meta.json, *.safetensors, adapter/, llm/) and named models."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pathvlm.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# registered name -> run directory; "demo" is filled in once its trained weights are committed
+_MODELS: dict[str, Path] = {
+    "demo": Path(__file__).resolve().parent / "weights" / "demo",
+}
+_PARTS = ("encoder", "aggregator", "projector")
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def load_strict(module: nn.Module, path: Path) -> None:
+    """Load safetensors into ``module``; any missing or unexpected key is a ModelError by name."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (OSError, ValueError) as exc:  # safetensors raises SafetensorError, a ValueError-like
+        raise ModelError(f"{path}: cannot read weights ({exc})") from exc
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelError(f"{path}: weights do not match the model; missing keys: {missing or 'none'}; "
+                         f"unexpected keys: {unexpected or 'none'}")
+    for key, value in module.state_dict().items():
+        if value.shape != state[key].shape:
+            raise ModelError(f"{path}: {key} has shape {tuple(state[key].shape)}, model expects "
+                             f"{tuple(value.shape)}")
+    module.load_state_dict(state, strict=True)
+
+
+def save_model_dir(model: Any, out_dir: Path) -> Path:
+    """Write a self-describing run directory that ``load_model`` reads back."""
+    from safetensors.torch import save_model
+
+    from pathvlm.config import save_config
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(model.cfg, out_dir)
+    for part in _PARTS:
+        module = getattr(model, part)
+        if module is not None:
+            save_model(module, str(out_dir / f"{part}.safetensors"))
+    if hasattr(model.llm, "peft_config"):
+        model.llm.save_pretrained(str(out_dir / "adapter"))
+    elif model.cfg.llm_config:  # a from-scratch LLM belongs to the run
+        model.llm.save_pretrained(str(out_dir / "llm"))
+        model.tokenizer.save_pretrained(str(out_dir / "llm"))
+    meta_path = out_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update({"kind": "pathvlm", "parts": [p for p in _PARTS if getattr(model, p) is not None]})
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def _load_run_dir(run: Path) -> Any:
+    from pathvlm.config import load_config
+    from pathvlm.model.vlm import ModelConfig, build_model
+
+    cfg = load_config(ModelConfig, run / "config.yaml")
+    llm = None
+    if (run / "llm").is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model, info = AutoModelForCausalLM.from_pretrained(str(run / "llm"), output_loading_info=True)
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
+        if bad:
+            raise ModelError(f"{run / 'llm'}: LLM weights do not match its config: {bad}")
+        llm = (model.eval(), AutoTokenizer.from_pretrained(str(run / "llm")))
+    vlm = build_model(cfg, llm=llm)
+    for part in _PARTS:
+        module, file = getattr(vlm, part), run / f"{part}.safetensors"
+        if module is None:
+            continue
+        if file.is_file():
+            load_strict(module, file)
+        elif part != "encoder":  # an encoder may come unchanged from its own registry weights
+            raise ModelError(f"{run}: missing {file.name}")
+    if (run / "adapter").is_dir():
+        from peft import PeftModel
+
+        vlm.llm = PeftModel.from_pretrained(vlm.llm, str(run / "adapter"))
+    return vlm.eval()
+
+
+def load_model(name_or_dir: str | Path) -> Any:
+    """A PathVLM from a run directory or a registered name (see ``list_models``)."""
+    key = str(name_or_dir)
+    run = _MODELS.get(key, Path(key).expanduser())
+    if key in _MODELS and not (run / "config.yaml").is_file():
+        raise ModelError(f"model {key!r}: weights not found at {run} (not committed yet); "
+                         "pass a run directory from `pathvlm train` instead")
+    if not run.is_dir():
+        raise ModelError(f"{key}: not a run directory or a registered model ({', '.join(list_models())})")
+    if not (run / "config.yaml").is_file():
+        raise ModelError(f"{run}: not a model run directory (no config.yaml)")
+    return _load_run_dir(run)

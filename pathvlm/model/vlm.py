@@ -1,0 +1,247 @@
+"""PathVLM: (encoder) -> aggregator -> projector -> LLM, asked about a slide, image or case.
+
+Slide tokens replace ``<slide>`` placeholders via ``masked_scatter``; generation runs on
+``inputs_embeds`` so the placeholder id never reaches the LLM's embedding table.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pathvlm.errors import ModelError
+from pathvlm.model.aggregators import create_aggregator
+from pathvlm.model.inputs import SlideInput, resolve_inputs
+from pathvlm.model.processor import SlideSlot, add_slide_token, build_messages, render
+from pathvlm.model.projectors import create_projector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a PathVLM (weights come from the run directory).
+
+    Attributes:
+        encoder: ``create_encoder`` name, or None when the model only reads cached features.
+        feature_dim: patch feature width; required when ``encoder`` is None.
+        n_tokens: K, slide tokens per slide (aggregator queries / attention branches).
+        max_case_tokens: visual-token budget per question; a case of S slides gets
+            ``min(K, max(1, budget // S))`` tokens per slide (K tokens average-pooled down).
+        llm: ``load_llm`` source; ``llm_config``: LlamaConfig kwargs for a from-scratch LLM
+            (tiny test models) that is then saved in the run directory under ``llm/``.
+        system_prompt: None keeps the chat template's own default.
+    """
+
+    encoder: str | None = None
+    feature_dim: int | None = None
+    aggregator: str = "abmil"
+    n_tokens: int = 8
+    hidden_dim: int = 256
+    dropout: float = 0.0
+    projector: str = "mlp2x_gelu"
+    llm: str = "smollm2"
+    llm_config: dict[str, Any] | None = None
+    quantization: str | None = None
+    max_case_tokens: int = 64
+    system_prompt: str | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+class PathVLM(nn.Module):
+    """Vision-language model over slide feature bags."""
+
+    def __init__(self, cfg: ModelConfig, aggregator: nn.Module, projector: nn.Module, llm: Any,
+                 tokenizer: Any, encoder: nn.Module | None = None, transform: Any = None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.transform = encoder, transform
+        self.aggregator, self.projector, self.llm, self.tokenizer = aggregator, projector, llm, tokenizer
+        self.slide_token_id = add_slide_token(tokenizer)
+        self.last_attention: list[dict[str, Any]] = []  # per slide of the last call, for the app
+
+    # -- slide tokens ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    def tokens_per_slide(self, n_slides: int) -> int:
+        if n_slides == 0:
+            return 0
+        k = min(self.cfg.n_tokens, max(1, self.cfg.max_case_tokens // n_slides))
+        if k * n_slides > self.cfg.max_case_tokens:
+            log.warning("%d slides exceed the %d-token budget even at 1 token each", n_slides,
+                        self.cfg.max_case_tokens)
+        return k
+
+    def slide_embeddings(self, slides: list[SlideInput]) -> tuple[torch.Tensor, list[SlideSlot]]:
+        """Projected tokens of all slides, concatenated [T, llm_hidden], and their prompt slots.
+
+        Also keeps each slide's attention in ``last_attention``.
+        """
+        k = self.tokens_per_slide(len(slides))
+        embeds, slots, self.last_attention = [], [], []
+        for s in slides:
+            feats = s.bag.features.to(self.device, torch.float32)
+            if feats.dim() != 2 or feats.shape[1] != self.in_dim:
+                raise ModelError(f"{s.source}: features have shape {tuple(feats.shape)}, the model expects "
+                                 f"[N, {self.in_dim}]")
+            tokens, attn = self.aggregator(feats[None], None)  # [1, K, H], [1, K, N]
+            if k < tokens.shape[1]:  # budget: average neighbouring tokens down to k
+                tokens = nn.functional.adaptive_avg_pool1d(tokens.transpose(1, 2), k).transpose(1, 2)
+                attn = nn.functional.adaptive_avg_pool1d(attn.transpose(1, 2), k).transpose(1, 2)
+            embeds.append(self.projector(tokens[0]))  # [k, llm_hidden]
+            slots.append(SlideSlot(s.name, s.stain, s.part, k))
+            self.last_attention.append({"name": s.name, "source": s.source, "coords": s.bag.coords,
+                                        "attention": attn[0].detach().cpu()})
+        if not embeds:
+            return torch.zeros(0, self.llm_hidden, device=self.device), slots
+        return torch.cat(embeds), slots
+
+    def top_tiles(self, n: int = 5) -> list[dict[str, Any]]:
+        """The ``n`` most attended patches of the last call over all its slides, as evidence:
+        slide name, level-0 (x, y) and attention (mean over the slide's tokens)."""
+        rows = []
+        for a in self.last_attention:
+            weights = a["attention"].mean(0) if a["attention"].numel() else a["attention"].new_zeros(0)
+            for w, i in zip(*torch.topk(weights, min(n, weights.numel()))):
+                rows.append({"slide": a["name"], "source": a["source"], "weight": float(w),
+                             "xy": tuple(int(v) for v in a["coords"][i])})
+        return sorted(rows, key=lambda r: -r["weight"])[:n]
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.encoder.embed_dim) if self.encoder is not None else int(self.cfg.feature_dim)
+
+    @property
+    def llm_hidden(self) -> int:
+        return int(self.llm.get_input_embeddings().weight.shape[1])
+
+    def embed_inputs(self, input_ids: torch.Tensor, slide_embeds: torch.Tensor) -> torch.Tensor:
+        """LLM input embeddings [B, L, H] with ``<slide>`` positions filled by slide_embeds [T, H]."""
+        is_slide = input_ids == self.slide_token_id
+        n = int(is_slide.sum())
+        if n != slide_embeds.shape[0]:
+            raise ModelError(f"the prompt has {n} {self.tokenizer.convert_ids_to_tokens(self.slide_token_id)} "
+                             f"placeholder tokens but {slide_embeds.shape[0]} slide tokens were computed")
+        safe = input_ids.masked_fill(is_slide, 0)  # placeholder id may lie outside the LLM vocab
+        embeds = self.llm.get_input_embeddings()(safe)
+        if n == 0:
+            return embeds
+        mask = is_slide.unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(mask, slide_embeds.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, slide_embeds: torch.Tensor, **kwargs: Any) -> Any:
+        return self.llm(inputs_embeds=self.embed_inputs(input_ids, slide_embeds), **kwargs)
+
+    # -- chat -------------------------------------------------------------------------------
+    def prepare(self, input: Any, question: str, history: list[dict[str, str]] | None = None
+                ) -> torch.Tensor:
+        """Prompt embeddings [1, L, H] for a question about ``input`` (None: no slide)."""
+        slides = resolve_inputs(input, self.encoder, self.transform)
+        slide_embeds, slots = self.slide_embeddings(slides)
+        messages = build_messages(question, slots, history, self.cfg.system_prompt)
+        ids = render(self.tokenizer, messages).to(self.device)
+        return self.embed_inputs(ids, slide_embeds)
+
+    def _gen_kwargs(self, embeds: torch.Tensor, gen: dict[str, Any]) -> dict[str, Any]:
+        g = dict(vars(self.cfg.generation))
+        unknown = set(gen) - set(g) - {"streamer", "min_new_tokens"}
+        if unknown:
+            raise ModelError(f"unknown generation option(s): {sorted(unknown)} (valid: {sorted(g)})")
+        g.update(gen)
+        if not g["do_sample"]:
+            g.pop("temperature"), g.pop("top_p")
+        pad = self.tokenizer.pad_token_id
+        return {"inputs_embeds": embeds, "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                      device=embeds.device),
+                "pad_token_id": pad if pad is not None else self.tokenizer.eos_token_id, **g}
+
+    @torch.no_grad()
+    def generate_ids(self, input: Any, question: str, history: list[dict[str, str]] | None = None,
+                     **gen: Any) -> torch.Tensor:
+        """New token ids [1, T] of the answer."""
+        embeds = self.prepare(input, question, history)
+        return self.llm.generate(**self._gen_kwargs(embeds, gen))
+
+    def ask(self, input: Any, question: str, history: list[dict[str, str]] | None = None, **gen: Any) -> str:
+        """Answer ``question`` about a slide / image / feature file / case (None: text only)."""
+        out = self.generate_ids(input, question, history, **gen)
+        return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+    def stream(self, input: Any, question: str, history: list[dict[str, str]] | None = None,
+               **gen: Any) -> Iterator[str]:
+        """Yield the answer in text pieces as they are generated."""
+        from transformers import TextIteratorStreamer
+
+        with torch.no_grad():
+            embeds = self.prepare(input, question, history)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True)
+        kwargs = self._gen_kwargs(embeds, {**gen, "streamer": streamer})
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    self.llm.generate(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - any failure is re-raised in the caller's thread
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from (piece for piece in streamer if piece)
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    # -- persistence ------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        from pathvlm.model.loading import save_model_dir
+
+        return save_model_dir(self, Path(out_dir))
+
+
+def build_model(cfg: ModelConfig, llm: tuple[Any, Any] | None = None) -> PathVLM:
+    """Assemble a PathVLM from a config (fresh aggregator/projector weights).
+
+    Args:
+        llm: an already loaded ``(model, tokenizer)``; otherwise from ``cfg.llm`` / ``cfg.llm_config``.
+    """
+    encoder = transform = None
+    if cfg.encoder:
+        from pathvlm.encoders import create_encoder
+
+        encoder, transform = create_encoder(cfg.encoder)
+        in_dim = int(encoder.embed_dim)
+    elif cfg.feature_dim:
+        in_dim = int(cfg.feature_dim)
+    else:
+        raise ModelError("model config needs an encoder name or feature_dim")
+    if llm is None:
+        from pathvlm.model.llm import build_llm
+
+        llm = build_llm(cfg)
+    model, tok = llm
+    hidden = int(model.get_input_embeddings().weight.shape[1])
+    aggregator = create_aggregator(cfg.aggregator, in_dim=in_dim, hidden_dim=cfg.hidden_dim,
+                                   n_tokens=cfg.n_tokens, dropout=cfg.dropout)
+    projector = create_projector(cfg.projector, cfg.hidden_dim, hidden)
+    vlm = PathVLM(cfg, aggregator, projector, model, tok, encoder, transform)
+    return vlm.eval()
