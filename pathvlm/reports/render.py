@@ -1,0 +1,92 @@
+"""Render a report as JSON, Markdown or FHIR R4; `render_report(report, fmt)` is what the CLI calls."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from pathvlm.errors import ConfigError
+from pathvlm.reports.fhir import to_fhir
+from pathvlm.reports.fields import Assess
+from pathvlm.reports.narrative import _show
+from pathvlm.reports.schemas import BANNER, ReportBase, get_report_type
+
+
+def render_json(report: ReportBase) -> str:
+    return json.dumps(report.to_json_dict(), indent=2, ensure_ascii=False)
+
+
+def render_fhir(report: ReportBase) -> str:
+    return json.dumps(to_fhir(report), indent=2, ensure_ascii=False)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: ReportBase) -> str:
+    """A readable form: banner, narrative, flags, differential and one row per field."""
+    rtype = get_report_type(report.report_type)  # type: ignore[attr-defined]
+    data = report.to_json_dict()
+    lines = [f"> **{BANNER}**", "", f"# {rtype.title}", ""]
+    if data.get("case_id"):
+        lines += [f"Case: `{data['case_id']}`", ""]
+    lines += [f"Model: `{data['model']}` - generated {data['generated_at']}", ""]
+    if data.get("slides"):
+        lines += ["## Slides", ""] + [
+            f"- {s['name']}: {s['stain']}" + (f", part {s['part']}" if s.get("part") else "")
+            + (f", {s['role']}" if s.get("role") else "") for s in data["slides"]] + [""]
+    if data["flags"]:
+        lines += ["## Flags for the pathologist", ""] + [f"- {f}" for f in data["flags"]] + [""]
+    narrative = data["narrative"].replace(BANNER, "").strip()
+    lines += ["## Narrative", "", narrative, ""]
+    ddx = data.get("morphologic_differential")
+    if ddx is not None:
+        lines += ["## Morphologic differential (impression only - requires ancillary testing)",
+                  "", "| # | entity | probability | confirm with | entered results |",
+                  "|---|---|---|---|---|"]
+        for i, d in enumerate(ddx, 1):
+            results = "; ".join([f"for: {x}" for x in d["supported_by"]]
+                                + [f"against: {x}" for x in d["contradicted_by"]]) or "-"
+            lines.append(f"| {i} | {d['entity']} | {d['probability']:.2f} | "
+                         f"{', '.join(d['confirm_with'])} | {_md_cell(results)} |")
+        if not ddx:
+            lines.append("| - | no image evidence | - | - | - |")
+        lines.append("")
+    lines += ["## Fields", "", "| field | value or reason | source | confidence | evidence |",
+              "|---|---|---|---|---|"]
+    for spec in rtype.fields:
+        e = data["fields"][spec.name]
+        if "value" in e:
+            shown = f"**{_md_cell(_show(e['value'], spec.unit))}**"
+        else:
+            shown = f"_{e['reason'].replace('_', ' ')}_"
+        if e.get("note"):
+            shown += f" ({_md_cell(e['note'])})"
+        evidence = "; ".join(
+            f"{ev['slide']} @ " + (", ".join(f"({x},{y})" for x, y in ev["tiles"][:3]) or "-")
+            + (f" [heatmap {ev['heatmap']}]" if ev.get("heatmap") else "")
+            for ev in e.get("evidence", [])) or "-"
+        conf = f"{e['confidence']:.2f}" if e.get("confidence") is not None else "-"
+        tag = "" if spec.assess == Assess.HE else f" [{spec.assess.value}]"
+        lines.append(f"| {spec.label}{tag} | {shown} | {e.get('source') or '-'} | {conf} | "
+                     f"{_md_cell(evidence)} |")
+    lines += ["", f"_{BANNER}_", ""]
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[ReportBase], str]] = {
+    "json": render_json, "md": render_markdown, "fhir": render_fhir}
+
+
+def list_formats() -> list[str]:
+    return list(RENDERERS)
+
+
+def render_report(report: ReportBase, fmt: str) -> str:
+    """The report as text in format `fmt` (json, md or fhir)."""
+    try:
+        return RENDERERS[fmt](report)
+    except KeyError:
+        raise ConfigError(f"unknown report format {fmt!r}; choose one of "
+                          f"{', '.join(RENDERERS)}") from None
