@@ -1,0 +1,158 @@
+"""What every eval shares: resolving ``--model``, image perturbations for robustness runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pathvlm.errors import ConfigError, ModelError
+
+ENCODER_PREFIX = "encoder:"
+
+
+@dataclass
+class EvalModel:
+    """The model under evaluation and what a report needs to name it."""
+
+    model: Any  # PathVLM or PatchEncoder
+    encoder: Any
+    transform: Callable | None
+    name: str
+    weights_hash: str
+
+    def info(self) -> dict[str, str]:
+        return {"model": self.name, "weights_hash": self.weights_hash}
+
+
+def load_eval_model(spec: str, device: str | None = None) -> EvalModel:
+    """``encoder:<encoder name>`` builds a bare encoder; anything else goes to ``load_model``."""
+    if spec.startswith(ENCODER_PREFIX):
+        from pathvlm.encoders import create_encoder
+
+        encoder, transform = create_encoder(spec[len(ENCODER_PREFIX) :], device=device)
+        return EvalModel(encoder, encoder, transform, spec, str(encoder.weights_hash))
+    try:
+        from pathvlm.model import load_model
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("pathvlm.model", "pathvlm"):
+            raise
+        raise ModelError(
+            f"cannot load model {spec!r}: pathvlm.model is not available in this "
+            "install; use --model encoder:<encoder name>"
+        ) from exc
+    model = load_model(spec)
+    encoder = getattr(model, "encoder", None)
+    transform = getattr(model, "transform", None)
+    whash = getattr(model, "weights_hash", None) or getattr(encoder, "weights_hash", "unknown")
+    return EvalModel(model, encoder, transform, spec, str(whash))
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Robustness perturbation applied to every PIL image before the model's transform.
+
+    ``scale``: pixel rescale factor emulating another microns per pixel while keeping the field
+    size: x1.5 enlarges by 1.5 and centre-crops back (objects look 1.5x bigger, mpp / 1.5); x0.75
+    shrinks and reflect-pads back to the original size. ``stain_sigma``: HED stain jitter
+    (Tellez et al. 2018): each of the H, E, D optical densities is multiplied by U(1-s, 1+s) and
+    shifted by U(-s, s), seeded per image so runs repeat.
+    """
+
+    scale: float = 1.0
+    stain_sigma: float = 0.0
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.scale != 1.0 or self.stain_sigma > 0
+
+    def describe(self) -> dict[str, float]:
+        return {
+            "resize_mpp_factor": self.scale,
+            "stain_jitter": self.stain_sigma,
+            "seed": self.seed,
+        }
+
+    def __call__(self, image, index: int = 0):
+        if self.scale <= 0:
+            raise ConfigError(f"--resize-mpp-factor must be positive, got {self.scale}")
+        if self.scale != 1.0:
+            image = rescale_keep_size(image, self.scale)
+        if self.stain_sigma > 0:
+            image = hed_jitter(image, self.stain_sigma, np.random.default_rng([self.seed, index]))
+        return image
+
+
+def rescale_keep_size(image, factor: float):
+    from PIL import Image
+
+    w, h = image.size
+    nw, nh = max(1, round(w * factor)), max(1, round(h * factor))
+    resized = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    if factor >= 1:
+        left, top = (nw - w) // 2, (nh - h) // 2
+        return resized.crop((left, top, left + w, top + h))
+    arr = np.asarray(resized)
+    pad_y, pad_x = h - nh, w - nw
+    pad = ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0))
+    mode = "reflect" if min(nh, nw) > max(pad_y, pad_x) // 2 + 1 else "symmetric"
+    return Image.fromarray(np.pad(arr, pad, mode=mode))
+
+
+def hed_jitter(image, sigma: float, rng: np.random.Generator):
+    from PIL import Image
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(np.asarray(image.convert("RGB")))
+    alpha = rng.uniform(1 - sigma, 1 + sigma, size=3)
+    beta = rng.uniform(-sigma, sigma, size=3)
+    rgb = hed2rgb(hed * alpha + beta)
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8))
+
+
+class ImageSequence:
+    """Images of a dataset opened (and perturbed) on demand, so a large set never sits in memory."""
+
+    def __init__(self, paths: list, perturbation: Perturbation | None = None):
+        self.paths = list(paths)
+        self.perturbation = perturbation
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        from pathvlm.zeroshot import _open_image
+
+        image = _open_image(self.paths[i])
+        if self.perturbation is not None and self.perturbation.active:
+            image = self.perturbation(image, i)
+        return image
+
+
+def embed_dataset(
+    encoder: Any,
+    transform: Callable | None,
+    images: ImageSequence,
+    batch_size: int = 64,
+    progress: bool | None = None,
+) -> np.ndarray:
+    """[N, D] frozen image embeddings (not normalised) of every image."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from pathvlm.zeroshot import _default_transform
+
+    transform = transform or getattr(encoder, "transform", None) or _default_transform(encoder)
+    device = next(encoder.parameters()).device
+    show = progress if progress is not None else len(images) > batch_size
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc="embedding", disable=not show):
+        batch = torch.stack([transform(im) for im in images[start : start + batch_size]])
+        with torch.inference_mode():
+            out.append(encoder.encode_image(batch.to(device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,184 @@
+"""`pathvlm eval vqa`: closed-form questions built from the labels, asked to a chat model.
+
+Each image gets one multiple-choice question shown in several option orders (cyclic shifts of
+the class list) and two yes/no questions (its own class: yes; another class: no). Accuracy is
+over all questions; option-order consistency is the share of images whose chosen class (not
+letter) is the same in every order.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pathvlm.errors import ConfigError
+from pathvlm.eval.common import ImageSequence, Perturbation
+from pathvlm.eval.datasets import load_dataset, match_classes
+from pathvlm.eval.report import write_report
+from pathvlm.zeroshot import make_prompt_set
+
+log = logging.getLogger(__name__)
+
+
+class ChatModel(Protocol):
+    def ask(self, image: Any, question: str, **gen: Any) -> str: ...
+
+
+@dataclass
+class VQAConfig:
+    """Options of a closed-form VQA evaluation."""
+
+    prompts: str | None = None  # prompt file: the first synonym of a class is its display name
+    split: str | None = None
+    n_orders: int = 3  # option orders per multiple-choice question
+    max_new_tokens: int = 16
+    seed: int = 0
+    limit: int | None = None  # first N images only (quick runs)
+    resize_mpp_factor: float = 1.0
+    stain_jitter: float = 0.0
+    decoding: dict[str, Any] = field(default_factory=dict)  # extra generation kwargs
+
+
+def mc_question(options: list[str]) -> str:
+    letters = string.ascii_uppercase
+    listed = " ".join(f"{letters[i]}) {opt}." for i, opt in enumerate(options))
+    return (
+        f"Which of the following best describes the tissue in this image? {listed} "
+        "Answer with the letter only."
+    )
+
+
+def yesno_question(name: str) -> str:
+    return f"Does this image show {name}? Answer yes or no."
+
+
+def parse_choice(answer: str, options: list[str]) -> int | None:
+    """Index of the chosen option: a leading letter (``B``, ``(B)``, ``B)``), else a unique name."""
+    text = answer.strip()
+    m = re.match(r"^\W*(?:answer\W*)?\(?([A-Za-z])\)?(?:$|[\s.):,])", text, flags=re.IGNORECASE)
+    # a lone lowercase "a" starting a sentence is an article, not option A
+    if (
+        m
+        and m.group(1).upper() in string.ascii_uppercase[: len(options)]
+        and (len(text) <= 3 or m.group(1).isupper())
+    ):
+        return string.ascii_uppercase.index(m.group(1).upper())
+    low = text.lower()
+    hits = [i for i, opt in enumerate(options) if opt.lower() in low]
+    return hits[0] if len(hits) == 1 else None
+
+
+def parse_yesno(answer: str) -> bool | None:
+    m = re.match(r"^\W*(yes|no)\b", answer.strip().lower())
+    return None if m is None else m.group(1) == "yes"
+
+
+def run_vqa_eval(
+    model: ChatModel,
+    data_source: str | Path,
+    cfg: VQAConfig,
+    model_info: dict[str, str],
+    json_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Ask every question with greedy decoding; score accuracy and option-order consistency."""
+    if not hasattr(model, "ask"):
+        raise ConfigError(
+            f"model {model_info.get('model')} cannot answer questions (no ask); "
+            "eval vqa needs a chat model, not a bare encoder"
+        )
+    data = load_dataset(data_source, cfg.split)
+    if cfg.limit:
+        data = data.subset(list(range(min(cfg.limit, len(data)))))
+    if cfg.prompts:
+        prompt_set = make_prompt_set(Path(cfg.prompts))
+        label_map = match_classes(data.labels, prompt_set)
+        names = {lab: prompt_set.classes[key][0] for lab, key in label_map.items()}
+    else:
+        names = {lab: lab for lab in data.classes}
+    labels = sorted(names)
+    if len(labels) < 2:
+        raise ConfigError(f"{data_source}: VQA needs at least two classes, found {labels}")
+    gen = {"do_sample": False, "max_new_tokens": cfg.max_new_tokens, **cfg.decoding}
+    rng = np.random.default_rng(cfg.seed)
+    images = ImageSequence(
+        data.paths, Perturbation(cfg.resize_mpp_factor, cfg.stain_jitter, cfg.seed)
+    )
+    records, mc_correct, yn_correct, consistent = [], [], [], []
+    n_orders = max(1, min(cfg.n_orders, len(labels)))
+    for i, label in enumerate(data.labels):
+        image = images[i]
+        chosen = []
+        for shift in range(n_orders):
+            order = labels[shift:] + labels[:shift]
+            options = [names[lab] for lab in order]
+            answer = model.ask(image, mc_question(options), **gen)
+            pick = parse_choice(answer, options)
+            chosen.append(None if pick is None else order[pick])
+            mc_correct.append(chosen[-1] == label)
+            records.append(
+                {
+                    "path": str(data.paths[i]),
+                    "label": label,
+                    "type": "mc",
+                    "options": options,
+                    "answer": answer,
+                    "parsed": chosen[-1],
+                }
+            )
+        consistent.append(chosen[0] is not None and all(c == chosen[0] for c in chosen))
+        other = labels[int(rng.integers(len(labels) - 1))]
+        other = other if other != label else labels[-1]
+        for target, truth in ((label, True), (other, False)):
+            answer = model.ask(image, yesno_question(names[target]), **gen)
+            parsed = parse_yesno(answer)
+            yn_correct.append(parsed is truth)
+            records.append(
+                {
+                    "path": str(data.paths[i]),
+                    "label": label,
+                    "type": "yesno",
+                    "asked": target,
+                    "answer": answer,
+                    "parsed": parsed,
+                }
+            )
+    all_correct = mc_correct + yn_correct
+    result: dict[str, Any] = {
+        "task": "vqa",
+        **model_info,
+        "data": str(data_source),
+        "n": len(data),
+        "accuracy": float(np.mean(all_correct)),
+        "mc_accuracy": float(np.mean(mc_correct)),
+        "yesno_accuracy": float(np.mean(yn_correct)),
+        "option_order_consistency": float(np.mean(consistent)),
+        "n_questions": len(all_correct),
+        "n_orders": n_orders,
+        "decoding": gen,
+        "prompts": {
+            "class_names": names,
+            "mc_template": mc_question(["<option>", "..."]),
+            "yesno_template": yesno_question("<class>"),
+        },
+        "split": cfg.split,
+    }
+    if json_path is not None:
+        import json
+
+        json_path = Path(json_path)
+        answers = json_path.with_name(json_path.stem + "_answers.jsonl")
+        answers.parent.mkdir(parents=True, exist_ok=True)
+        answers.write_text("".join(json.dumps(r) + "\n" for r in records))
+        result["files"] = {
+            "json": str(json_path),
+            "markdown": str(json_path.with_suffix(".md")),
+            "answers": str(answers),
+        }
+        write_report(result, json_path)
+    return result
