@@ -1,0 +1,55 @@
+"""Training stages on one shared accelerate loop: `train_stage(stage, config_path, overrides)`.
+
+Adding a stage (`align`, `instruct` next): a `*StageConfig` dataclass with `train: TrainConfig`
+and `optim: OptimConfig` sections plus its own, a class satisfying `loop.Task`, one `_STAGES`
+entry and a `configs/train/<stage>_*.yaml`; the CLI, checkpoints and run directory come free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from pathvlm.config import load_config
+from pathvlm.errors import ConfigError
+from pathvlm.train.config import (
+    AugmentConfig,
+    ClipStageConfig,
+    MilStageConfig,
+    OptimConfig,
+    TrainConfig,
+)
+
+# stage name -> (config class, "module:TaskClass"); `align` and `instruct` join when PathVLM lands
+_STAGES = {
+    "clip": (ClipStageConfig, "pathvlm.train.clip_task:ClipTask"),
+    "mil": (MilStageConfig, "pathvlm.train.mil_task:MilTask"),
+}
+
+
+def list_stages() -> list[str]:
+    return list(_STAGES)
+
+
+def load_stage_config(stage: str, path: str | Path | None = None, overrides: Iterable[str] = ()):
+    if stage not in _STAGES:
+        raise ConfigError(f"unknown training stage {stage!r} (choose from {', '.join(_STAGES)})")
+    return load_config(_STAGES[stage][0], path, overrides)
+
+
+def train_stage(stage: str, config_path: str | Path | None = None, overrides: Iterable[str] = ()) -> Path:
+    """Resolve the stage config (defaults -> YAML -> overrides), train, return the run directory."""
+    import importlib
+
+    from pathvlm.train.loop import run_training
+
+    cfg = load_stage_config(stage, config_path, overrides)
+    module, cls = _STAGES[stage][1].split(":")
+    task_cls = getattr(importlib.import_module(module), cls)
+    return run_training(cfg, lambda: task_cls(cfg))
+
+
+__all__ = [
+    "AugmentConfig", "ClipStageConfig", "MilStageConfig", "OptimConfig", "TrainConfig",
+    "list_stages", "load_stage_config", "train_stage",
+]

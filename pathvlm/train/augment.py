@@ -1,0 +1,57 @@
+"""Train-time augmentation for H&E patches, driven by an explicit per-sample generator.
+
+Stain jitter perturbs the haematoxylin/eosin/DAB optical densities (Tellez et al. 2018 style),
+which mimics lab-to-lab staining differences better than RGB colour jitter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pathvlm.train.config import AugmentConfig
+
+
+def stain_jitter(image: np.ndarray, rng: np.random.Generator, scale: float, bias: float) -> np.ndarray:
+    """[H, W, 3] float RGB in [0, 1] -> the same with each HED channel scaled and shifted at random."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(image)  # [H, W, 3] optical densities
+    alpha = rng.uniform(1 - scale, 1 + scale, size=3)
+    beta = rng.uniform(-bias, bias, size=3)
+    return np.clip(hed2rgb(hed * alpha + beta), 0.0, 1.0)
+
+
+class TrainTransform:
+    """PIL image -> normalised [3, size, size] tensor with crop, flips, 90° turns and stain jitter."""
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], cfg: AugmentConfig):
+        self.size, self.cfg = size, cfg
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def _crop(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        w, h = image.size
+        area = rng.uniform(self.cfg.scale_min, 1.0) * w * h
+        side = round(min(w, h, np.sqrt(area)))  # square crops: tiles have no preferred aspect
+        x = int(rng.integers(0, w - side + 1))
+        y = int(rng.integers(0, h - side + 1))
+        return image.resize((self.size, self.size), Image.BICUBIC, box=(x, y, x + side, y + side))
+
+    def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed)
+        arr = np.asarray(self._crop(image.convert("RGB"), rng), dtype=np.float32) / 255.0  # [H, W, 3]
+        if self.cfg.flip:
+            if rng.random() < 0.5:
+                arr = arr[:, ::-1]
+            if rng.random() < 0.5:
+                arr = arr[::-1]
+        if self.cfg.rot90:
+            arr = np.rot90(arr, k=int(rng.integers(0, 4)))
+        if self.cfg.stain_jitter > 0 or self.cfg.stain_bias > 0:
+            arr = stain_jitter(arr, rng, self.cfg.stain_jitter, self.cfg.stain_bias)
+        if self.cfg.brightness > 0:
+            arr = np.clip(arr * rng.uniform(1 - self.cfg.brightness, 1 + self.cfg.brightness), 0.0, 1.0)
+        tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)  # [3, H, W]
+        return (tensor - self.mean) / self.std

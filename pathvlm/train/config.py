@@ -1,0 +1,99 @@
+"""Training configs: one shared `TrainConfig`/`OptimConfig` plus one section set per stage.
+
+A stage config file (configs/train/*.yaml) layers onto these defaults; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how big, how often to evaluate and checkpoint, where to write."""
+
+    out_dir: str = "runs/train"
+    seed: int = 0
+    steps: int = 1000  # optimiser steps (each = grad_accum micro-batches)
+    batch_size: int = 32  # per device, per micro-batch
+    grad_accum: int = 1
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on capable CUDA, else no
+    eval_every: int = 100  # 0 = only at the end
+    save_every: int = 100  # checkpoint interval; 0 = no intermediate checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    num_workers: int = 0
+    resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
+    cpu: bool = False  # force CPU even when CUDA is present
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.05  # not applied to biases, norms, embeddings' scales
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # 0 = off
+
+
+@dataclass
+class AugmentConfig:
+    """Train-time image augmentation for the clip stage (eval uses the encoder's own transform)."""
+
+    scale_min: float = 0.6  # random resized crop area range [scale_min, 1]
+    flip: bool = True  # horizontal and vertical
+    rot90: bool = True
+    stain_jitter: float = 0.05  # HED-space scale jitter (+-); 0 = off
+    stain_bias: float = 0.01  # HED-space shift (+-)
+    brightness: float = 0.1  # +- multiplicative; 0 = off
+
+
+@dataclass
+class ClipDataConfig:
+    train: str = ""  # pairs JSONL with "image"
+    val: str = ""  # pairs JSONL with "image" and "label" (zero-shot eval); "" = no eval
+    classes: str = ""  # class description YAML for zero-shot prompts
+
+
+@dataclass
+class ClipModelConfig:
+    encoder: str = "openclip:pathvlm-vit-s-minilm"  # any create_encoder name
+    lock_image: bool = False
+    lock_text: bool = False
+
+
+@dataclass
+class ClipStageConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: ClipDataConfig = field(default_factory=ClipDataConfig)
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class MilDataConfig:
+    labels: str = ""  # CSV slide_id,features,label[,split]
+    train_split: str = "train"
+    val_split: str = "val"
+    max_patches: int = 4096  # random subset per slide per step (train only), bounds memory
+
+
+@dataclass
+class MilModelConfig:
+    aggregator: str = "abmil"  # a create_aggregator name
+    hidden_dim: int = 128
+    n_tokens: int = 1  # slide tokens; the head reads their mean
+    dropout: float = 0.1
+
+
+@dataclass
+class MilStageConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: MilDataConfig = field(default_factory=MilDataConfig)
+    model: MilModelConfig = field(default_factory=MilModelConfig)

@@ -1,0 +1,191 @@
+"""Data builders and format readers: specimen-disjoint splits, balanced yes/no, shuffled MC, CLI."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pathvlm.cli import main
+from pathvlm.data import (
+    BuildConfig,
+    build_datasets,
+    read_conversations,
+    read_jsonl,
+    read_mil_csv,
+    read_pairs,
+)
+from pathvlm.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+LYMPHOMA_YAML = REPO / "configs" / "classes" / "lymphoma.yaml"
+CRC_YAML = REPO / "configs" / "classes" / "crc_tissue.yaml"
+
+
+def _index(tmp_path: Path, labels=("CLL", "FL", "MCL"), specimens=4, per_specimen=3, split=None) -> Path:
+    """A generated index CSV: tiny PNGs, several per specimen, like the NIA lymphoma layout."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for label in labels:
+        for s in range(specimens):
+            for t in range(per_specimen):
+                rel = f"{label}/{label}-{s}_{t}.png"
+                (tmp_path / label).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / rel)
+                row = {"path": rel, "label": label, "specimen": f"{label}-{s}"}
+                if split:
+                    row["split"] = split(label, s)
+                rows.append(row)
+    path = tmp_path / "index.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _all_records(out: Path, prefix: str) -> list[dict]:
+    return [r for p in sorted(out.glob(f"{prefix}_*.jsonl")) for r in read_jsonl(p)]
+
+
+def test_drawn_splits_never_share_a_specimen_and_are_deterministic(tmp_path):
+    index = _index(tmp_path / "imgs")
+    cfg = BuildConfig(classes=str(LYMPHOMA_YAML), val_fraction=0.25, seed=3)
+    build_datasets(index, tmp_path / "a", cfg)
+    build_datasets(index, tmp_path / "b", cfg)
+    for name in ("pairs_train.jsonl", "pairs_val.jsonl", "instruct_train.jsonl", "instruct_val.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    splits_of = collections.defaultdict(set)
+    for rec in _all_records(tmp_path / "a", "pairs"):
+        splits_of[rec["specimen"]].add(rec["split"])
+        assert Path(rec["image"]).is_absolute() and Path(rec["image"]).is_file()
+    assert all(len(s) == 1 for s in splits_of.values())
+    val_specimens = {sp for sp, s in splits_of.items() if s == {"val"}}
+    assert len(val_specimens) == 3  # one of four specimens per class
+    build_datasets(index, tmp_path / "c", BuildConfig(classes=str(LYMPHOMA_YAML), val_fraction=0.25, seed=4))
+    other = {r["specimen"] for r in read_jsonl(tmp_path / "c" / "pairs_val.jsonl")}
+    assert other != val_specimens  # the seed matters
+
+
+def test_index_split_is_kept_and_checked(tmp_path):
+    index = _index(tmp_path / "imgs", split=lambda label, s: "val" if s == 0 else "train")
+    summary = build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML)))
+    assert summary["splits"]["val"]["images"] == 9 and summary["splits"]["train"]["images"] == 27
+    leaky = _index(tmp_path / "leaky", split=lambda label, s: "val" if s == 0 else "train")
+    text = leaky.read_text().replace("CLL/CLL-1_0.png,CLL,CLL-1,train", "CLL/CLL-1_0.png,CLL,CLL-1,val")
+    leaky.write_text(text)
+    with pytest.raises(ConfigError, match="CLL-1"):
+        build_datasets(leaky, tmp_path / "out2", BuildConfig(classes=str(LYMPHOMA_YAML)))
+
+
+def _region_index(tmp_path: Path, split_of=None) -> Path:
+    """Two FL cases with two regions each (like sj-05-6124-R3/-R4) and two CLL cases."""
+    rows = ["path,label,specimen" + (",split" if split_of else "")]
+    for specimen, label in [("c1-R1", "FL"), ("c1-R2", "FL"), ("c2-R1", "FL"), ("c2-R2", "FL"),
+                            ("c3-R1", "CLL"), ("c4-R1", "CLL")]:
+        (tmp_path / label).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / label / f"{specimen}.png")
+        rows.append(f"{label}/{specimen}.png,{label},{specimen}" + (f",{split_of(specimen)}" if split_of else ""))
+    (tmp_path / "index.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "index.csv"
+
+
+def test_case_pattern_keeps_regions_of_one_case_together(tmp_path):
+    index = _region_index(tmp_path / "drawn")
+    for seed in range(5):
+        cfg = BuildConfig(classes=str(LYMPHOMA_YAML), val_fraction=0.5, seed=seed, tasks=(), case_pattern=r"^c\d+")
+        build_datasets(index, tmp_path / "out", cfg)
+        split_of_case = {}
+        for rec in _all_records(tmp_path / "out", "pairs"):
+            case = rec["specimen"].split("-")[0]
+            assert split_of_case.setdefault(case, rec["split"]) == rec["split"], (seed, case)
+    given = _region_index(tmp_path / "given", split_of=lambda sp: "val" if sp in ("c1-R2", "c3-R1") else "train")
+    build_datasets(given, tmp_path / "ok", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=()))  # by specimen: fine
+    with pytest.raises(ConfigError, match="c1"):  # but c1-R1 and c1-R2 are one case
+        build_datasets(given, tmp_path / "bad", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=(), case_pattern=r"^c\d+"))
+
+
+def test_multiple_choice_is_shuffled_and_answer_index_correct(tmp_path):
+    index = _index(tmp_path / "imgs")
+    build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=("mc",)))
+    records = _all_records(tmp_path / "out", "instruct")
+    assert len(records) == 36
+    positions = collections.Counter()
+    for rec in records:
+        assert rec["options"][rec["answer_index"]] == rec["label"]
+        letter = "ABCD"[rec["answer_index"]]
+        assert rec["messages"][1]["content"].startswith(f"{letter}. ")
+        assert f"\n{letter}. " in rec["messages"][0]["content"]
+        positions[rec["answer_index"]] += 1
+    assert len(positions) == 4 and max(positions.values()) < 0.5 * len(records)
+
+
+def test_yes_no_is_balanced_and_truthful(tmp_path):
+    index = _index(tmp_path / "imgs", per_specimen=3)  # 36 images
+    build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=("yesno",)))
+    records = _all_records(tmp_path / "out", "instruct")
+    answers = collections.Counter(r["answer"] for r in records)
+    assert answers["yes"] == answers["no"] == 18
+    for rec in records:
+        assert rec["messages"][1]["content"].lower().startswith(rec["answer"])
+
+
+def test_every_task_passes_the_conversation_reader(tmp_path):
+    index = _index(tmp_path / "imgs", specimens=2, per_specimen=1)
+    build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML)))
+    records = [r for p in sorted((tmp_path / "out").glob("instruct_*.jsonl")) for r in read_conversations(p)]
+    assert collections.Counter(r["task"] for r in records) == {t: 6 for t in ("caption", "open", "yesno", "mc", "report")}
+    report = next(r for r in records if r["task"] == "report" and r["label"] == "MCL")
+    assert "cyclin D1" in report["messages"][1]["content"]  # entity needs ancillary confirmation
+
+
+def test_folder_source_and_unknown_label(tmp_path):
+    for label in ("TUM", "ADI"):
+        (tmp_path / "f" / label).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (i * 40, 10, 10)).save(tmp_path / "f" / label / f"{i}.png")
+    summary = build_datasets(tmp_path / "f", tmp_path / "out", BuildConfig(classes=str(CRC_YAML), val_fraction=0.2))
+    assert summary["splits"]["val"]["images"] == 2  # one image per class
+    (tmp_path / "f" / "XYZ").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "f" / "XYZ" / "0.png")
+    with pytest.raises(ConfigError, match="XYZ"):
+        build_datasets(tmp_path / "f", tmp_path / "out", BuildConfig(classes=str(CRC_YAML)))
+
+
+def test_readers_resolve_relative_paths_and_reject_bad_records(tmp_path):
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "imgs/a.png", "text": "fat"}) + "\n")
+    assert read_pairs(tmp_path / "pairs.jsonl")[0]["image"] == str(tmp_path / "imgs" / "a.png")
+    bad = {"image": "a.png", "messages": [{"role": "user", "content": "no token"}, {"role": "assistant", "content": "x"}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(ConfigError, match="<slide>"):
+        read_conversations(tmp_path / "chat.jsonl")
+    (tmp_path / "mil.csv").write_text("slide_id,label\ns1,TUM\n")
+    with pytest.raises(ConfigError, match="features"):
+        read_mil_csv(tmp_path / "mil.csv")
+
+
+def test_cli_build_check_and_bad_input(tmp_path, capsys):
+    index = _index(tmp_path / "imgs", specimens=2, per_specimen=2)
+    assert main(["data", "build", str(index), "--classes", str(LYMPHOMA_YAML), "-o", str(tmp_path / "out")]) == 0
+    assert main(["data", "check", "instruct", str(tmp_path / "out" / "instruct_train.jsonl")]) == 0
+    assert "valid records" in capsys.readouterr().out
+    assert main(["data", "build", str(tmp_path / "missing.csv"), "--classes", str(LYMPHOMA_YAML),
+                 "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "missing.csv" in err and len(err.splitlines()) == 1
+
+
+def test_real_lymphoma_index_stays_specimen_disjoint(shared_data, tmp_path):
+    index = shared_data / "lymphoma_nia" / "index.csv"
+    if not index.exists():
+        pytest.skip(f"{index} missing")
+    summary = build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=()))
+    assert summary["splits"]["train"]["labels"] == summary["splits"]["val"]["labels"] == ["CLL", "FL", "MCL"]
+    split_of = {}
+    for rec in _all_records(tmp_path / "out", "pairs"):
+        assert split_of.setdefault(rec["specimen"], rec["split"]) == rec["split"]

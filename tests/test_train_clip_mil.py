@@ -1,0 +1,186 @@
+"""`pathvlm train clip` and `pathvlm train mil` end to end through the CLI on tiny models and data."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pathvlm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CRC_YAML = REPO / "configs" / "classes" / "crc_tissue.yaml"
+
+
+def _texture(label: str, rng: np.random.Generator) -> np.ndarray:
+    """48 px stand-ins with class-specific colour and texture (fat, lymphocytes, muscle)."""
+    img = np.full((48, 48, 3), 235, dtype=np.float32)
+    if label == "LYM":
+        img[:] = (200, 170, 210)
+        for y, x in rng.integers(0, 46, (60, 2)):
+            img[y:y + 3, x:x + 3] = (60, 40, 120)
+    elif label == "MUS":
+        img[:] = (220, 120, 150)
+        img[::4] = (170, 60, 110)
+    else:  # ADI: white with thin pink membranes
+        img[::12] = (230, 160, 190)
+        img[:, ::12] = (230, 160, 190)
+    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clipdata")
+    rng = np.random.default_rng(0)
+    for label in ("ADI", "LYM", "MUS"):
+        (root / "imgs" / label).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(_texture(label, rng)).save(root / "imgs" / label / f"{i}.png")
+    assert main(["data", "build", str(root / "imgs"), "--classes", str(CRC_YAML), "-o", str(root / "data"),
+                 "--val-fraction", "0.2", "--captions-per-image", "2", "--tasks", ""]) == 0
+    return root / "data"
+
+
+def _clip_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["-q", "train", "clip", "-c", str(REPO / "configs" / "train" / "clip_crc.yaml"),
+            f"train.out_dir={out}", f"data.train={data / 'pairs_train.jsonl'}", f"data.val={data / 'pairs_val.jsonl'}",
+            f"data.classes={CRC_YAML}", "model.encoder=openclip:pathvlm-tiny", "train.batch_size=8",
+            "train.log_every=1", "optim.lr=0.002", "optim.warmup_steps=2", "train.cpu=true", *extra]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    with (run / "metrics.csv").open() as fh:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(fh) if r.get("train/loss")}
+
+
+def _initial_tiny_state() -> dict[str, torch.Tensor]:
+    from accelerate.utils import set_seed
+
+    from pathvlm.encoders import create_encoder
+
+    set_seed(0)  # the loop seeds before it builds the task
+    encoder, _ = create_encoder("openclip:pathvlm-tiny", device="cpu")
+    return {k: v.clone() for k, v in encoder.model.state_dict().items()}
+
+
+def test_clip_learns_locks_text_resumes_and_reloads(pairs_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from pathvlm.encoders import create_encoder
+
+    run = tmp_path / "run"
+    args = _clip_args(pairs_dir, run, "train.steps=24", "train.save_every=12", "train.eval_every=12",
+                      "model.lock_text=true", "model.lock_image=false")
+    assert main(args) == 0
+    losses = _losses(run)
+    assert np.mean([losses[s] for s in range(20, 25)]) < 0.85 * np.mean([losses[s] for s in range(1, 6)])
+    for name in ("config.yaml", "meta.json", "loss_curve.png", "encoder/open_clip_model.safetensors"):
+        assert (run / name).is_file(), name
+    with (run / "metrics.csv").open() as fh:
+        assert [r["step"] for r in csv.DictReader(fh) if r.get("val/zeroshot_acc")] == ["12", "24"]
+
+    start, final = _initial_tiny_state(), load_file(str(run / "encoder" / "open_clip_model.safetensors"))
+    text_keys = [k for k in start if not k.startswith("visual.") and k != "logit_scale"]
+    assert text_keys and all(torch.equal(start[k], final[k]) for k in text_keys)  # frozen: bit-identical
+    assert not torch.equal(start["visual.conv1.weight"], final["visual.conv1.weight"])
+
+    # kill after step 12's checkpoint: the step-24 checkpoint and final weights never got written
+    shutil.rmtree(run / "checkpoints" / "step_0000024")
+    shutil.rmtree(run / "encoder")
+    assert main(args) == 0
+    resumed = _losses(run)
+    for step in range(13, 25):
+        assert resumed[step] == pytest.approx(losses[step], rel=1e-5), step
+    again = load_file(str(run / "encoder" / "open_clip_model.safetensors"))
+    assert all(torch.allclose(final[k], again[k], atol=1e-6) for k in final)
+
+    encoder, transform = create_encoder(f"local-dir:{run / 'encoder'}", device="cpu")
+    assert all(torch.equal(encoder.model.state_dict()[k], again[k]) for k in again)
+    image = Image.open(next((pairs_dir.parent / "imgs" / "LYM").glob("*.png")))
+    assert encoder.encode_image(transform(image)[None]).shape == (1, 32)
+
+
+def test_clip_lock_image_keeps_the_vision_tower(pairs_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    assert main(_clip_args(pairs_dir, run, "train.steps=2", "train.eval_every=0", "train.save_every=0",
+                           "model.lock_image=true", "model.lock_text=false")) == 0
+    start, final = _initial_tiny_state(), load_file(str(run / "encoder" / "open_clip_model.safetensors"))
+    visual = [k for k in start if k.startswith("visual.")]
+    assert all(torch.equal(start[k], final[k]) for k in visual)
+    assert not torch.equal(start["token_embedding.weight"], final["token_embedding.weight"])
+
+
+def test_train_bad_config_is_one_line_exit_2(pairs_dir, tmp_path, capsys):
+    assert main(_clip_args(pairs_dir, tmp_path / "r", "train.stepz=3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.stepz" in err and len(err.splitlines()) == 1
+    assert main(["-q", "train", "clip", "model.encoder=openclip:pathvlm-tiny", f"train.out_dir={tmp_path / 'r2'}"]) == 2
+    assert "data.train" in capsys.readouterr().err
+
+
+def _mil_csv(root: Path, dim: int = 16) -> Path:
+    from pathvlm.features import write_features
+
+    rng = np.random.default_rng(0)
+    centres = {"TUM": rng.normal(0, 1, dim), "NORM": rng.normal(0, 1, dim)}
+    rows = ["slide_id,features,label,split"]
+    for label, centre in centres.items():
+        for i in range(8):
+            n = int(rng.integers(20, 60))
+            # a minority of label-specific patches among shared background patches: a real MIL signal
+            feats = rng.normal(0, 1, (n, dim))
+            feats[: n // 4] += 2.0 * centre
+            write_features(root / f"{label}_{i}.h5", feats.astype(np.float32), np.zeros((n, 2), np.int64),
+                           {"encoder": "synthetic"})
+            rows.append(f"{label}_{i},{label}_{i}.h5,{label},{'val' if i >= 6 else 'train'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def test_mil_learns_slide_labels_and_reloads(tmp_path):
+    pytest.importorskip("pathvlm.model.aggregators", reason="pathvlm.model aggregators have not landed yet")
+    from pathvlm.features import load_features
+    from pathvlm.train.mil_task import collate_bags, load_mil_classifier
+
+    labels = _mil_csv(tmp_path)
+    run = tmp_path / "run"
+    assert main(["-q", "train", "mil", "-c", str(REPO / "configs" / "train" / "mil.yaml"), f"train.out_dir={run}",
+                 f"data.labels={labels}", "train.steps=30", "train.batch_size=4", "train.log_every=1",
+                 "train.eval_every=30", "train.save_every=30", "optim.lr=0.01", "optim.warmup_steps=2",
+                 "model.hidden_dim=16", "train.cpu=true"]) == 0
+    losses = _losses(run)
+    assert np.mean([losses[s] for s in range(26, 31)]) < 0.6 * np.mean([losses[s] for s in range(1, 6)])
+    with (run / "metrics.csv").open() as fh:
+        final = [r for r in csv.DictReader(fh) if r.get("val/bacc")][-1]
+    assert float(final["val/bacc"]) == 1.0
+    model = load_mil_classifier(run)
+    feats, mask, _ = collate_bags([(load_features(tmp_path / "TUM_7.h5").features, 0)])
+    with torch.no_grad():
+        logits, attention = model(feats, mask)
+    assert model.labels[int(logits.argmax())] == "TUM" and attention.shape[-1] == feats.shape[1]
+
+
+def test_clip_runs_on_real_crc_tiles(shared_data, tmp_path):
+    index = shared_data / "crc_tiles" / "index.csv"
+    if not index.exists():
+        pytest.skip(f"{index} missing")
+    with index.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] in ("train", "val")]
+    keep = [r for label in ("ADI", "LYM", "TUM") for split, n in (("train", 6), ("val", 2))
+            for r in [r for r in rows if r["label"] == label and r["split"] == split][:n]]
+    mini = tmp_path / "index.csv"
+    mini.write_text("path,label,split\n" + "".join(f"{index.parent / r['path']},{r['label']},{r['split']}\n" for r in keep))
+    assert main(["-q", "data", "build", str(mini), "--classes", str(CRC_YAML), "-o", str(tmp_path / "data"),
+                 "--tasks", ""]) == 0
+    run = tmp_path / "run"
+    assert main(_clip_args(tmp_path / "data", run, "train.steps=3", "train.eval_every=0", "train.save_every=0")) == 0
+    with (run / "metrics.csv").open() as fh:
+        final = [r for r in csv.DictReader(fh) if r.get("val/zeroshot_acc")]
+    assert len(final) == 1 and 0.0 <= float(final[0]["val/zeroshot_acc"]) <= 1.0
