@@ -33,9 +33,37 @@ def _list_encoders() -> list[str]:
     return rows
 
 
+def _list_report_types() -> list[str]:
+    from pathvlm.reports import get_report_type, list_report_types
+
+    return [f"{name:24s} {get_report_type(name).title}" for name in list_report_types()]
+
+
+def _list_stages() -> list[str]:
+    from pathvlm.train import list_stages
+
+    return list_stages()
+
+
+def _list_aggregators() -> list[str]:
+    from pathvlm.model import list_aggregators
+
+    return list_aggregators()
+
+
+def _list_projectors() -> list[str]:
+    from pathvlm.model import list_projectors
+
+    return list_projectors()
+
+
 # registry name -> function returning printable rows; other registries add themselves here
 _LISTERS: dict[str, Callable[[], list[str]]] = {
+    "aggregators": _list_aggregators,
+    "projectors": _list_projectors,
     "encoders": _list_encoders,
+    "reports": _list_report_types,
+    "stages": _list_stages,
 }
 
 
@@ -45,9 +73,381 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_schema(sub: argparse._SubParsersAction) -> None:
+    from pathvlm.reports import list_report_types
+
+    p = sub.add_parser("schema", help="print the JSON Schema of a report type")
+    p.add_argument("--type", dest="report_type", required=True, choices=list_report_types())
+    p.set_defaults(func=_cmd_schema)
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from pathvlm.reports import report_json_schema
+
+    print(json.dumps(report_json_schema(args.report_type), indent=2))
+    return 0
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    from pathvlm.embed import EmbedConfig
+
+    d = EmbedConfig()
+    p = sub.add_parser("embed", help="encode slide tiles into one <out>/<slide stem>.h5 per slide")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files, folders, .txt lists or globs")
+    p.add_argument("--out", required=True, help="output folder for feature files")
+    p.add_argument("--encoder", default=d.encoder,
+                   help="registered name (pathvlm list encoders), openclip:<arch>[@ckpt], local-dir:<dir>, "
+                   "checkpoint file or hf-hub:<org/repo>")
+    p.add_argument("--mpp", type=float, default=d.mpp, help="tile resolution in um/px")
+    p.add_argument("--size", type=int, default=d.size, help="tile size in pixels")
+    p.add_argument("--slide-mpp", type=float, default=None, help="um/px of files that do not record it")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="tile-reading processes")
+    p.add_argument("--shard", default=None, metavar="I/N", help="process shard I of N (0-based)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    p.set_defaults(func=_cmd_embed)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from pathvlm.embed import EmbedConfig, embed_slides
+
+    cfg = EmbedConfig(
+        encoder=args.encoder, mpp=args.mpp, size=args.size, slide_mpp=args.slide_mpp,
+        batch_size=args.batch_size, num_workers=args.num_workers, shard=args.shard,
+        device=args.device, progress=not args.quiet,
+    )
+    result = embed_slides(args.slides, args.out, cfg)
+    print(f"embedded {len(result.written)}, skipped {len(result.skipped)} complete, "
+          f"failed {len(result.failed)}")
+    for _path, reason in result.failed:
+        print(f"failed: {reason}", file=sys.stderr)
+    return EXIT_BAD_INPUT if result.failed else 0
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from pathvlm.train import list_stages
+
+    p = argparse.ArgumentParser(prog="pathvlm train", description="train a stage on the shared accelerate loop")
+    p.add_argument("stage", choices=list_stages(), help="which stage to train")
+    p.add_argument("-c", "--config", help="stage config YAML (configs/train/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return p
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    # argparse cannot match a "*" positional that follows -c, so the words after `train` are
+    # parsed again, intermixed, by _train_parser
+    inner = _train_parser()
+    p = sub.add_parser("train", help="train a stage (clip, mil) on the shared accelerate loop",
+                       usage=inner.format_usage()[len("usage: "):],
+                       description=inner.format_help().split("\n", 2)[-1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathvlm.train import train_stage
+
+    parsed = _train_parser().parse_intermixed_args(args.argv)
+    out = train_stage(parsed.stage, parsed.config, parsed.overrides)
+    print(f"run directory: {out}")
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from pathvlm.data.builders import TASKS
+
+    p = sub.add_parser("data", help="build and check training data files")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    b = data_sub.add_parser("build", help="labelled folder or index CSV + class YAML -> pairs/instruction JSONL")
+    b.add_argument("source", help="index CSV (path,label[,specimen][,split]) or a folder of <label>/<image>")
+    b.add_argument("--classes", required=True, help="class description YAML (configs/classes/*.yaml)")
+    b.add_argument("-o", "--out", required=True, help="output folder")
+    b.add_argument("--val-fraction", type=float, default=0.2, help="when the index has no split column")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--captions-per-image", type=int, default=1)
+    b.add_argument("--case-pattern", default="", help="regex naming the case within a specimen id "
+                   "(specimens of one case stay in one split)")
+    b.add_argument("--tasks", default=",".join(TASKS), help=f"instruction kinds, comma separated ({','.join(TASKS)})")
+    b.set_defaults(func=_cmd_data_build)
+    c = data_sub.add_parser("check", help="validate a pairs JSONL, instruction JSONL or MIL CSV")
+    c.add_argument("kind", choices=["pairs", "instruct", "mil"])
+    c.add_argument("path")
+    c.set_defaults(func=_cmd_data_check)
+
+
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from pathvlm.data import BuildConfig, build_datasets
+
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    cfg = BuildConfig(classes=args.classes, val_fraction=args.val_fraction, seed=args.seed,
+                      captions_per_image=args.captions_per_image, tasks=tasks, case_pattern=args.case_pattern)
+    summary = build_datasets(args.source, args.out, cfg)
+    for split, info in summary["splits"].items():
+        print(f"{split:10s} images {info['images']:5d}  pairs {info['pairs']:5d}  instructions {info['instructions']:5d}")
+    print(f"written to {args.out}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from pathvlm.data import read_conversations, read_mil_csv, read_pairs
+
+    reader = {"pairs": read_pairs, "instruct": read_conversations, "mil": read_mil_csv}[args.kind]
+    print(f"{args.path}: {len(reader(args.path))} valid records")
+    return 0
+
+
+DEFAULT_EVAL_MODEL = "demo"
+
+
+def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zeroshot", help="zero-shot classify images, slides or feature files")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, slides or .h5 feature files")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--classes", help='comma-separated class names, e.g. "tumour,stroma,fat"')
+    group.add_argument("--prompts", help="CONCH-style prompt file (configs/prompts/*.json)")
+    p.add_argument("--model", default=DEFAULT_EVAL_MODEL,
+                   help="model name/dir for load_model, or encoder:<encoder name> for a bare encoder")
+    p.add_argument("--top-k", type=int, default=10, help="tiles pooled per class for slide predictions")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.set_defaults(func=_cmd_zeroshot)
+
+
+def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    import json
+
+    from pathvlm.eval.common import load_eval_model
+    from pathvlm.zeroshot import ZeroShotClassifier
+
+    model = load_eval_model(args.model)
+    clf = ZeroShotClassifier(model.model, classes=args.classes, prompts=args.prompts, transform=model.transform,
+                             batch_size=args.batch_size, top_k=args.top_k,
+                             progress=False if args.quiet else None)
+    result = clf.predict(args.inputs)
+    if args.json:
+        print(json.dumps({**model.info(), **result.to_dict()}, indent=2))
+    else:
+        for name, (label, prob) in zip(result.names, result.top):
+            print(f"{name}\t{label}\t{prob:.3f}")
+    return 0
+
+
+def _eval_common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    if data:
+        p.add_argument("--data", required=True, help="folder with one sub-folder per class, or CSV path,label[,specimen]")
+        p.add_argument("--split", help="keep only this split (CSV 'split' column, or DATA/<split>/)")
+    p.add_argument("--model", default=DEFAULT_EVAL_MODEL,
+                   help="model name/dir for load_model, or encoder:<encoder name> for a bare encoder")
+    p.add_argument("--json", dest="json_out", metavar="OUT",
+                   help="write metrics JSON here (Markdown and PNG beside it)")
+    p.add_argument("--resize-mpp-factor", type=float, default=1.0,
+                   help="robustness: rescale test images by this factor at fixed field size (1.5 = objects "
+                   "1.5x larger, i.e. mpp / 1.5; 0.75 = smaller, reflect-padded)")
+    p.add_argument("--stain-jitter", type=float, default=0.0, metavar="SIGMA",
+                   help="robustness: HED stain jitter strength (e.g. 0.05), seeded per image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: zeroshot, linear-probe, few-shot, vqa")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    zs = tasks.add_parser("zeroshot", help="zero-shot classification of a labelled image set")
+    _eval_common(zs)
+    zs.add_argument("--prompts", help="prompt file; sub-folder names match its class keys or synonyms")
+    zs.add_argument("--classes", help="comma-separated class names (when no prompt file)")
+    zs.add_argument("--all-classes", action="store_true",
+                    help="let every prompt class compete, not only those present in the data")
+    zs.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
+    zs.set_defaults(func=_cmd_eval_zeroshot)
+    for name, help_text in (("linear-probe", "logistic regression on frozen image embeddings"),
+                            ("few-shot", "k images per class, logistic regression, several seeds")):
+        lp = tasks.add_parser(name, help=help_text)
+        _eval_common(lp, data=False)
+        lp.add_argument("--train", required=True, help="training folder or CSV")
+        lp.add_argument("--test", required=True, help="test folder or CSV")
+        lp.add_argument("--train-split", help="CSV split for training rows (e.g. train)")
+        lp.add_argument("--test-split", help="CSV split for test rows (e.g. val)")
+        lp.add_argument("--C", dest="c", type=float, default=1.0, help="inverse regularisation strength")
+        lp.add_argument("--n-boot", type=int, default=1000)
+        if name == "few-shot":
+            lp.add_argument("--k", type=int, required=True, help="training images per class")
+            lp.add_argument("--n-seeds", type=int, default=5, help="few-shot draws averaged")
+        lp.set_defaults(func=_cmd_eval_probe)
+    vqa = tasks.add_parser("vqa", help="closed-form VQA (multiple choice in several orders, yes/no)")
+    _eval_common(vqa)
+    vqa.add_argument("--prompts", help="prompt file: class display names come from its first synonyms")
+    vqa.add_argument("--n-orders", type=int, default=3, help="option orders per multiple-choice question")
+    vqa.add_argument("--max-new-tokens", type=int, default=16)
+    vqa.add_argument("--limit", type=int, help="only the first N images")
+    vqa.set_defaults(func=_cmd_eval_vqa)
+
+
+def _print_eval(result: dict) -> None:
+    keys = ("balanced_accuracy", "weighted_f1", "accuracy", "ece", "option_order_consistency")
+    ci = result.get("ci95", {})
+    for key in keys:
+        if key in result:
+            interval = f"  (95% CI {ci[key][0]:.3f}-{ci[key][1]:.3f})" if key in ci else ""
+            print(f"{key:26s} {result[key]:.3f}{interval}")
+    print(f"{'n':26s} {result['n']}")
+    for path in result.get("files", {}).values():
+        print(f"wrote {path}")
+
+
+def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    from pathvlm.eval.common import load_eval_model
+    from pathvlm.eval.zeroshot_eval import ZeroShotEvalConfig, run_zeroshot_eval
+
+    cfg = ZeroShotEvalConfig(
+        prompts=args.prompts, classes=[c.strip() for c in (args.classes or "").split(",") if c.strip()],
+        all_classes=args.all_classes, split=args.split, batch_size=args.batch_size, n_boot=args.n_boot,
+        seed=args.seed, resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter)
+    _print_eval(run_zeroshot_eval(load_eval_model(args.model), args.data, cfg, args.json_out))
+    return 0
+
+
+def _cmd_eval_probe(args: argparse.Namespace) -> int:
+    from pathvlm.eval.common import load_eval_model
+    from pathvlm.eval.linear_probe import LinearProbeConfig, run_linear_probe
+
+    cfg = LinearProbeConfig(
+        train=args.train, test=args.test, train_split=args.train_split, test_split=args.test_split,
+        k=getattr(args, "k", None), n_seeds=getattr(args, "n_seeds", 1), c=args.c,
+        batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
+        resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter)
+    _print_eval(run_linear_probe(load_eval_model(args.model), cfg, args.json_out))
+    return 0
+
+
+def _cmd_eval_vqa(args: argparse.Namespace) -> int:
+    from pathvlm.eval.common import load_eval_model
+    from pathvlm.eval.vqa import VQAConfig, run_vqa_eval
+
+    cfg = VQAConfig(prompts=args.prompts, split=args.split, n_orders=args.n_orders,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
+                    resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter)
+    model = load_eval_model(args.model)
+    _print_eval(run_vqa_eval(model.model, args.data, cfg, model.info(), args.json_out))
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a slide: dimensions, levels, mpp, objective, vendor")
+    p.add_argument("slide", metavar="SLIDE", help="whole-slide image or plain image")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--slide-mpp", type=float, default=None, help="um/px of files that do not record it")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from pathvlm.slide import open_slide
+
+    with open_slide(args.slide, mpp=args.slide_mpp) as slide:
+        info = slide.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        print(f"{key:18s} {value}")
+    return 0
+
+
+def _add_tile(sub: argparse._SubParsersAction) -> None:
+    from pathvlm.slide import DEFAULT_MAX_PIXELS, TileConfig
+
+    d = TileConfig()
+    p = sub.add_parser("tile", help="find tissue and write <out>/<slide stem>.h5 tile coordinates + a PNG overlay")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mpp", type=float, default=d.mpp, help="tile resolution in um/px")
+    p.add_argument("--size", type=int, default=d.size, help="tile size in pixels")
+    p.add_argument("--slide-mpp", type=float, default=None, help="um/px of files that do not record it")
+    p.add_argument("--stride", type=int, default=None, help="step between tiles in output px (default: size)")
+    p.add_argument("--min-tissue", type=float, default=d.min_tissue, help="minimum tissue fraction of a kept tile")
+    p.add_argument("--tissue", action="append", default=[], metavar="KEY=VALUE",
+                   help="tissue detection setting, e.g. min_saturation=0.1 or thumbnail_size=1024 (repeatable)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel budget for plain images")
+    p.set_defaults(func=_cmd_tile)
+
+
+def _cmd_tile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pathvlm.config import load_config
+    from pathvlm.slide import TileConfig, TissueConfig, open_slide, save_tile_grid, tile_slide
+
+    tissue_cfg = load_config(TissueConfig, None, args.tissue)
+    tile_cfg = TileConfig(mpp=args.mpp, size=args.size, min_tissue=args.min_tissue, stride=args.stride)
+    failed: list[str] = []
+    done: dict[str, str] = {}  # output stem -> slide, so two slides never overwrite one file
+    for path in args.slides:
+        try:
+            stem = Path(path).stem
+            if stem in done:
+                raise PathVLMError(f"{path}: same output name {stem}.h5 as {done[stem]}")
+            with open_slide(path, mpp=args.slide_mpp, max_pixels=args.max_pixels) as slide:
+                grid = tile_slide(slide, tile_cfg, tissue_cfg)
+                h5_path, _png = save_tile_grid(grid, slide, args.out, tissue_cfg)
+            done[stem] = path
+            print(f"{path}: {len(grid)} tiles ({grid.size} px at {grid.mpp:g} um/px, level {grid.level}) -> {h5_path}")
+        except PathVLMError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed.append(str(exc))
+    print(f"tiled {len(args.slides) - len(failed)} of {len(args.slides)} slides, {len(failed)} failed")
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    return EXIT_BAD_INPUT if failed else 0
+
+
 # every sub-command's parser builder, in the order `pathvlm --help` shows them
+def _add_ask(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ask", help="ask the chat model a question about a slide, image or case")
+    p.add_argument("input", help="slide, image, .h5 feature file, or case file (.yaml/.json)")
+    p.add_argument("question")
+    p.add_argument("--model", default="demo", help="run directory or registered model name")
+    p.add_argument("--features", help="cached .h5 features of INPUT (skips encoding the slide)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.set_defaults(func=_cmd_ask)
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pathvlm.model import load_model
+
+    model = load_model(args.model)
+    source = args.input
+    if args.features:
+        from pathvlm.features import load_features
+        from pathvlm.model.inputs import SlideInput
+
+        bag = load_features(args.features)
+        source = SlideInput(bag, Path(args.input).stem, bag.attrs.get("stain"), None, args.features)
+    gen = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    for piece in model.stream(source, args.question, **gen):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_list,
+    _add_schema,
+    _add_info,
+    _add_tile,
+    _add_embed,
+    _add_train,
+    _add_data,
+    _add_zeroshot,
+    _add_eval,
+    _add_ask,
 ]
 
 
