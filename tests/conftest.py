@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# tests never reach a model hub: fail fast instead of waiting on a closed network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
