@@ -33,7 +33,7 @@ _LAZY = {
     "load_case": "pathvlm.case",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__"] + list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -42,7 +42,7 @@ def test_console_script_bad_input_exit_code(tmp_path):
     missing = tmp_path / "nope.svs"
     code = "import sys; from pathvlm.cli import main; sys.exit(main(sys.argv[1:]))"
     out = subprocess.run(
-        [sys.executable, "-c", code, "info", str(missing)], capture_output=True, text=True
+        [sys.executable, "-c", code, "info", str(missing)], capture_output=True, text=True, check=False
     )
     assert out.returncode == EXIT_BAD_INPUT
     assert str(missing) in out.stderr
