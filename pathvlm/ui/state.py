@@ -1,0 +1,197 @@
+"""What the app keeps: prepared slides (shared cache) and each browser session's own state.
+
+The model object is shared by all sessions, so anything it leaves behind (``last_attention``) is
+copied into the session while a lock is held; nothing per-user lives on the model or module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pathvlm.errors import PathVLMError, SlideError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedSlide:
+    """A slide opened and embedded once: info, pictures and its feature bag."""
+
+    path: str
+    name: str
+    info: dict[str, Any]
+    thumb: Image.Image  # plain thumbnail
+    outlined: Image.Image  # thumbnail with the tissue border
+    inputs: list[Any]  # [SlideInput]
+    extent: float  # level-0 side of one tile
+
+    @property
+    def bag(self) -> Any:
+        return self.inputs[0].bag
+
+
+class SlideCache:
+    """Prepared slides keyed by file fingerprint + encoder, least recently used dropped first."""
+
+    def __init__(self, max_items: int = 16):
+        self.max_items = max_items
+        self._items: OrderedDict[str, PreparedSlide] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> PreparedSlide | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: str, item: PreparedSlide) -> None:
+        with self._lock:
+            self._items[key] = item
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class CaseSlide:
+    key: str  # cache key
+    name: str
+    path: str
+    stain: str = "H&E"
+
+
+@dataclass
+class Session:
+    """One browser session: its slides, chat, evidence and last report (kept in gr.State)."""
+
+    slides: list[CaseSlide] = field(default_factory=list)
+    active: int | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
+    attention: list[dict[str, Any]] = field(default_factory=list)  # last answer's, per slide
+    zeroshot: Any = None  # SlideZeroShot of the active slide
+    ancillary: list[dict[str, Any]] = field(default_factory=list)
+    region: tuple[int, int, int] | None = None  # slide index, level-0 x, y of the zoomed region
+    report: Any = None
+
+
+def encoder_key(model: Any) -> str:
+    enc = getattr(model, "encoder", None)
+    if enc is None:
+        return "no-encoder"
+    return f"{getattr(enc, 'name', type(enc).__name__)}:{getattr(enc, 'weights_hash', '')}"
+
+
+def file_fingerprint(path: Path, chunk: int = 4 << 20) -> str:
+    """Name, size and a hash of the first and last 4 MiB: the same file uploaded again (new temp
+    path, new mtime) is recognised, without reading a multi-gigabyte slide whole."""
+    h = hashlib.sha1()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(chunk, size - chunk))
+            h.update(f.read(chunk))
+    return f"{path.name}|{size}|{h.hexdigest()}"
+
+
+def open_for_app(path: str | Path) -> Any:
+    from pathvlm.slide import open_slide
+
+    return open_slide(Path(path))
+
+
+def prepare_slide(model: Any, path: str | Path, cache: SlideCache, thumb_size: int = 768
+                  ) -> tuple[PreparedSlide, str, bool]:
+    """Open, outline and embed a slide or image once; returns (prepared, cache key, was cached)."""
+    from pathvlm.model.inputs import resolve_inputs
+    from pathvlm.slide import TileConfig, TissueConfig, detect_tissue
+    from pathvlm.ui.viz import outline_tissue, tile_extent
+
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(path, "file not found")
+    with open_for_app(path) as slide:
+        key = f"{file_fingerprint(path)}|{encoder_key(model)}"
+        hit = cache.get(key)
+        if hit is not None:
+            return hit, key, True
+        info = slide.info()
+        thumb = slide.thumbnail(thumb_size)
+        try:
+            mask = detect_tissue(slide, TissueConfig()).mask
+            outlined = outline_tissue(thumb, mask)
+        except PathVLMError as exc:  # a tissue-free image still opens; say why there is no outline
+            log.warning("%s: no tissue outline (%s)", path, exc)
+            outlined = thumb
+        tile = TileConfig(mpp=model.cfg.tile_mpp, size=model.cfg.tile_size)
+        inputs = resolve_inputs(path, model.encoder, model.transform, tile)
+    if not inputs or inputs[0].bag.features.shape[0] == 0:
+        raise SlideError(path, "no tissue tiles to embed")
+    coords = np.asarray(inputs[0].bag.coords)
+    prepared = PreparedSlide(str(path), path.stem, info, thumb, outlined, inputs,
+                             tile_extent(coords, model.cfg.tile_size))
+    cache.put(key, prepared)
+    return prepared, key, False
+
+
+def info_markdown(p: PreparedSlide) -> str:
+    i = p.info
+    mpp = i.get("mpp")
+    mpp_s = f"{mpp[0]:.3f} x {mpp[1]:.3f} um/px" if mpp else "not recorded"
+    mag = i.get("objective_power")
+    dims = i.get("dimensions") or ["?", "?"]
+    return (f"**{p.name}** · vendor: {i.get('vendor') or 'none'} · mpp: {mpp_s} · magnification: "
+            f"{f'{mag}x' if mag else 'not recorded'} · size: {dims[0]} x {dims[1]} px · "
+            f"levels: {i.get('level_count', 1)} · tiles embedded: {p.bag.features.shape[0]}")
+
+
+def top_rows(attention: list[dict[str, Any]], n: int = 6) -> list[dict[str, Any]]:
+    """The ``n`` most attended tiles over the slides of one answer (mean over slide tokens)."""
+    rows = []
+    for a in attention:
+        w = a["attention"].float().mean(0).numpy() if a["attention"].numel() else np.zeros(0)
+        for i in np.argsort(-w)[:n]:
+            rows.append({"slide": a["name"], "weight": float(w[i]),
+                         "xy": tuple(int(v) for v in a["coords"][i])})
+    return sorted(rows, key=lambda r: -r["weight"])[:n]
+
+
+class ModelGate:
+    """Serialises the part of a model call that writes shared model state (``last_attention``)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.lock = threading.Lock()
+
+    def stream(self, inputs: Any, question: str, history: list[dict[str, str]], **gen: Any
+               ) -> tuple[Iterator[str], list[dict[str, Any]]]:
+        """Start a streamed answer; returns (remaining pieces, this call's attention)."""
+        with self.lock:
+            pieces = self.model.stream(inputs, question, history, **gen)
+            first = next(pieces, None)  # runs prepare(): last_attention is now this call's
+            attention = [dict(a) for a in getattr(self.model, "last_attention", [])]
+
+        def rest() -> Iterator[str]:
+            if first is not None:
+                yield first
+                yield from pieces
+
+        return rest(), attention
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        with self.lock:
+            return fn()
