@@ -94,3 +94,51 @@ def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                         return_tensors="pt", return_dict=True)
     return out["input_ids"]
+
+
+def check_roles(messages: list[dict[str, str]]) -> None:
+    """An optional system turn, then user/assistant alternating from user, ending on assistant."""
+    body = messages[1:] if messages and messages[0].get("role") == "system" else messages
+    if not body:
+        raise ModelError("a training conversation needs at least one user and one assistant turn")
+    for i, msg in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(msg, dict) or msg.get("role") != want or not isinstance(msg.get("content"), str):
+            got = msg.get("role") if isinstance(msg, dict) else type(msg).__name__
+            raise ModelError(f"message {i + len(messages) - len(body)}: expected role {want!r} "
+                             f"(system?, then user/assistant alternating), got {got!r}")
+    if body[-1]["role"] != "assistant":
+        raise ModelError("a training conversation must end with an assistant turn")
+
+
+def render_conversation(tokenizer: Any, messages: list[dict[str, str]], slots: list[SlideSlot],
+                        system_prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [L] and labels [L] of a whole conversation; labels are -100 except assistant turns.
+
+    The first user turn's ``<slide>`` expands to the slide block exactly as at inference
+    (``build_messages``). Each assistant turn's tokens are found by rendering the prefix up to its
+    generation prompt and the prefix including it; a template whose prefixes are not stable (the
+    shorter render is not a prefix of the longer) is an error rather than a silently wrong mask.
+    """
+    check_roles(messages)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelError("the LLM tokenizer has no chat template; use an instruction-tuned LLM")
+    *history, last = messages
+    # the last turn is an assistant turn, so build_messages' "question" is the last user turn
+    msgs = build_messages(history[-1]["content"], slots, history[:-1], system_prompt) + [last]
+
+    def ids_of(part: list[dict[str, str]], gen_prompt: bool) -> list[int]:
+        out = tokenizer.apply_chat_template(part, add_generation_prompt=gen_prompt, return_dict=True)
+        return list(out["input_ids"])
+
+    ids = ids_of(msgs, False)
+    labels = [-100] * len(ids)
+    for i, msg in enumerate(msgs):
+        if msg["role"] != "assistant":
+            continue
+        start, end = ids_of(msgs[:i], True), ids_of(msgs[: i + 1], False)
+        if ids[: len(end)] != end or end[: len(start)] != start:
+            raise ModelError("the chat template does not render conversations prefix-stably; "
+                             "cannot locate assistant turns for the loss mask")
+        labels[len(start): len(end)] = ids[len(start): len(end)]
+    return torch.tensor(ids), torch.tensor(labels)

@@ -1,8 +1,8 @@
 """Training stages on one shared accelerate loop: `train_stage(stage, config_path, overrides)`.
 
-Adding a stage (`align`, `instruct` next): a `*StageConfig` dataclass with `train: TrainConfig`
-and `optim: OptimConfig` sections plus its own, a class satisfying `loop.Task`, one `_STAGES`
-entry and a `configs/train/<stage>_*.yaml`; the CLI, checkpoints and run directory come free.
+Adding a stage: a `*StageConfig` dataclass with `train: TrainConfig` and `optim: OptimConfig`
+sections plus its own, a class satisfying `loop.Task`, one `_STAGES` entry and a
+`configs/train/<stage>_*.yaml`; the CLI, checkpoints and run directory come free.
 """
 
 from __future__ import annotations
@@ -20,11 +20,23 @@ from pathvlm.train.config import (
     TrainConfig,
 )
 
-# stage name -> (config class, "module:TaskClass"); `align` and `instruct` join when PathVLM lands
+# stage name -> (config class or "module:Class", "module:TaskClass"); strings are imported on use,
+# so listing stages (the CLI's choices) does not import torch
 _STAGES = {
     "clip": (ClipStageConfig, "pathvlm.train.clip_task:ClipTask"),
     "mil": (MilStageConfig, "pathvlm.train.mil_task:MilTask"),
+    "align": ("pathvlm.train.vlm_config:AlignStageConfig", "pathvlm.train.align_task:AlignTask"),
+    "instruct": ("pathvlm.train.vlm_config:InstructStageConfig", "pathvlm.train.instruct_task:InstructTask"),
 }
+
+
+def _resolve(ref):
+    import importlib
+
+    if not isinstance(ref, str):
+        return ref
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def list_stages() -> list[str]:
@@ -34,18 +46,15 @@ def list_stages() -> list[str]:
 def load_stage_config(stage: str, path: str | Path | None = None, overrides: Iterable[str] = ()):
     if stage not in _STAGES:
         raise ConfigError(f"unknown training stage {stage!r} (choose from {', '.join(_STAGES)})")
-    return load_config(_STAGES[stage][0], path, overrides)
+    return load_config(_resolve(_STAGES[stage][0]), path, overrides)
 
 
 def train_stage(stage: str, config_path: str | Path | None = None, overrides: Iterable[str] = ()) -> Path:
     """Resolve the stage config (defaults -> YAML -> overrides), train, return the run directory."""
-    import importlib
-
     from pathvlm.train.loop import run_training
 
     cfg = load_stage_config(stage, config_path, overrides)
-    module, cls = _STAGES[stage][1].split(":")
-    task_cls = getattr(importlib.import_module(module), cls)
+    task_cls = _resolve(_STAGES[stage][1])
     return run_training(cfg, lambda: task_cls(cfg))
 
 
