@@ -140,7 +140,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     # argparse cannot match a "*" positional that follows -c, so the words after `train` are
     # parsed again, intermixed, by _train_parser
     inner = _train_parser()
-    p = sub.add_parser("train", help="train a stage (clip, mil) on the shared accelerate loop",
+    p = sub.add_parser("train", help="train a stage (clip, mil, align, instruct) on the shared accelerate loop",
                        usage=inner.format_usage()[len("usage: "):],
                        description=inner.format_help().split("\n", 2)[-1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,6 +285,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     vqa.add_argument("--max-new-tokens", type=int, default=16)
     vqa.add_argument("--limit", type=int, help="only the first N images")
     vqa.set_defaults(func=_cmd_eval_vqa)
+    _add_eval_report(tasks)
 
 
 def _print_eval(result: dict) -> None:
@@ -437,6 +438,91 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    from pathvlm.reports import list_formats, list_report_types
+
+    p = sub.add_parser("report", help="draft a structured report (DRAFT, for pathologist review)")
+    p.add_argument("input", help="slide, image, .h5 feature file, or case file (.yaml/.json)")
+    p.add_argument("--type", dest="kind", required=True, choices=list_report_types())
+    p.add_argument("--clinical", help="YAML/JSON file: field name -> value entered by the pathologist")
+    p.add_argument("--format", dest="fmt", default="json", choices=list_formats())
+    p.add_argument("--model", default="demo", help="run directory or registered model name")
+    p.add_argument("--out", help="write the report here instead of printing it")
+    p.add_argument("--narrative-tokens", type=int, default=160,
+                   help="length of the LLM-written narrative (0: deterministic template)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _load_clinical(path: str) -> dict:
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from pathvlm.errors import ConfigError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if path.lower().endswith(".json") else yaml.safe_load(text)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read clinical file ({exc.strerror or exc})") from None
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: invalid clinical file ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: clinical file must map field names to values")
+    return data
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pathvlm.model import load_model
+    from pathvlm.reports import ImageFindings, draft_report, render_report
+    from pathvlm.reports.from_model import FindingsConfig
+
+    clinical = _load_clinical(args.clinical) if args.clinical else None
+    draft_report(ImageFindings(), args.kind, clinical)  # bad clinical input fails before loading
+    report = load_model(args.model).draft_report(
+        args.input, args.kind, clinical, findings_config=FindingsConfig(
+            narrative_tokens=max(0, args.narrative_tokens)))
+    text = render_report(report, args.fmt)
+    if args.out:
+        Path(args.out).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def _add_eval_report(tasks: argparse._SubParsersAction) -> None:
+    from pathvlm.reports import list_report_types
+
+    p = tasks.add_parser("report", help="drafted reports vs labels: top entity, fields, abstention")
+    p.add_argument("--type", dest="kind", default="lymphoma", choices=list_report_types())
+    p.add_argument("--data", required=True, help="folder with one sub-folder per class, or CSV")
+    p.add_argument("--split", help="keep only this split (CSV 'split' column, or DATA/<split>/)")
+    p.add_argument("--model", default="demo", help="run directory or registered model name")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write metrics JSON (+ Markdown)")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.set_defaults(func=_cmd_eval_report)
+
+
+def _cmd_eval_report(args: argparse.Namespace) -> int:
+    from pathvlm.eval.report_eval import ReportEvalConfig, run_report_eval
+    from pathvlm.model import load_model
+
+    cfg = ReportEvalConfig(kind=args.kind, split=args.split, limit=args.limit)
+    result = run_report_eval(load_model(args.model), args.data, cfg, args.json_out, args.model)
+    print(f"{'top_entity_accuracy':32s} {result['top_entity_accuracy']:.3f}")
+    for name, acc in result["field_accuracy"].items():
+        print(f"{'field ' + name:32s} {acc:.3f}")
+    print(f"{'ancillary_wrongly_filled_share':32s} {result['ancillary_wrongly_filled_share']:.3f}")
+    print(f"{'n':32s} {result['n']}")
+    for path in result.get("files", {}).values():
+        print(f"wrote {path}")
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_list,
     _add_schema,
@@ -448,11 +534,13 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_zeroshot,
     _add_eval,
     _add_ask,
+    _add_report,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pathvlm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pathvlm", description="pathvlm: slides in, features, zero-shot classification, chat and draft "
+                                     "reports (drafts for a pathologist's review).")
     parser.add_argument("--version", action="version", version=f"pathvlm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("-q", "--quiet", action="store_true", help="hide progress bars and info")

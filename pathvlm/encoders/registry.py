@@ -19,6 +19,7 @@ import torch
 from pathvlm.encoders.archs import PROJECT_ARCHS, get_arch_config
 from pathvlm.encoders.patch_encoder import (
     CONFIG_NAME,
+    PACKAGE_TEXT_PREFIX,
     WEIGHTS_NAME,
     PatchEncoder,
     build_clip,
@@ -70,6 +71,18 @@ register_encoder(
         license="Apache-2.0",
         gated=False,
         description="CPU-sized ViT-S/16 224 px (random init) + all-MiniLM-L6-v2 text tower (local weights)",
+    )
+)
+# the trained encoder shipped inside the package (pathvlm.load_model("demo") uses it; MODEL_CARD.md)
+DEMO_ENCODER_DIR = Path(__file__).resolve().parent.parent / "model" / "weights" / "demo" / "encoder"
+register_encoder(
+    EncoderEntry(
+        name="pathvlm-demo",
+        spec=f"local-dir:{DEMO_ENCODER_DIR}",
+        license="CC-BY-4.0 data / Apache-2.0 text tower (see MODEL_CARD.md)",
+        gated=False,
+        description="the shipped demo encoder: ViT 192x6 112 px trained CLIP-style on the CRC and NIA "
+        "lymphoma train splits, frozen all-MiniLM-L6-v2 text tower + trained projection",
     )
 )
 register_encoder(
@@ -190,15 +203,32 @@ def _read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[
     return model_cfg, preprocess, data.get("pathvlm", {})
 
 
+# state-dict names of a text tower: CustomTextCLIP's `text.*`, or the built-in CLIP's text parts
+_TEXT_TOWER_KEYS = ("text.", "transformer.", "token_embedding.", "positional_embedding", "ln_final.",
+                    "text_projection", "attn_mask")
+
+
 def _from_config_and_weights(
     name: str, config_path: Path, weights_path: Path | None, vision_only: bool
 ) -> tuple[PatchEncoder, Transform]:
     model_cfg, preprocess, meta = _read_config_file(config_path)
     vision_only = vision_only or bool(meta.get("vision_only", False))
-    model = build_clip(model_cfg, pretrained_text=weights_path is None)
+    # a checkpoint saved with omit_package_text holds all but the pretrained HF text transformer
+    text_from_package = bool(meta.get("text_transformer_from")) and not vision_only
+    model = build_clip(model_cfg, pretrained_text=weights_path is None or text_from_package)
     encoder = PatchEncoder(name, model, model_cfg, preprocess, vision_only=vision_only)
     if weights_path is not None:
-        load_weights_strict(encoder.model, _load_state_dict(weights_path), str(weights_path))
+        state = _load_state_dict(weights_path)
+        if vision_only:  # the dropped text tower's weights have nowhere to go
+            state = {k: v for k, v in state.items() if not k.startswith(_TEXT_TOWER_KEYS)}
+        if text_from_package:
+            stray = sorted(k for k in state if k.startswith(PACKAGE_TEXT_PREFIX))
+            if stray:
+                raise ModelError(f"{weights_path}: config says the text transformer comes from its "
+                                 f"package, but the file has {stray[0]} (+{len(stray) - 1} more)")
+            own = encoder.model.state_dict()
+            state.update({k: v for k, v in own.items() if k.startswith(PACKAGE_TEXT_PREFIX)})
+        load_weights_strict(encoder.model, state, str(weights_path))
         encoder.weights_hash = encoder_hash(encoder)
     return encoder, _make_transform(preprocess)
 

@@ -35,7 +35,7 @@ def _need_encoder(encoder: Any, what: str) -> None:
 
 
 def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = None,
-               part: str | None = None) -> list[SlideInput]:
+               part: str | None = None, tile: Any = None) -> list[SlideInput]:
     suffix = path.suffix.lower()
     if suffix == ".h5":
         from pathvlm.features import load_features
@@ -45,7 +45,7 @@ def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = Non
     if suffix in CASE_SUFFIXES:
         from pathvlm.case import load_case
 
-        return _from_case(load_case(path), encoder, transform)
+        return _from_case(load_case(path), encoder, transform, tile)
     if not path.exists():
         raise ModelError(f"{path}: file not found")
     _need_encoder(encoder, str(path))
@@ -59,34 +59,40 @@ def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = Non
                 image = im.convert("RGB")
         except (OSError, UnidentifiedImageError) as exc:
             raise ModelError(f"{path}: cannot read image ({exc})") from exc
-        return [SlideInput(embed_image(image, encoder, transform), path.stem, stain, part, str(path))]
+        size = tile.size if tile is not None else 224
+        return [SlideInput(embed_image(image, encoder, transform, size=size), path.stem, stain, part,
+                           str(path))]
     from pathvlm.slide import open_slide
 
     with open_slide(path) as slide:
-        return [_from_slide(slide, encoder, transform, stain, part)]
+        return [_from_slide(slide, encoder, transform, stain, part, tile)]
 
 
 def _from_slide(slide: Any, encoder: Any, transform: Any, stain: str | None = None,
-                part: str | None = None) -> SlideInput:
+                part: str | None = None, tile: Any = None) -> SlideInput:
     from pathvlm.embed import embed_slide
     from pathvlm.slide import TileConfig, TissueConfig
 
     _need_encoder(encoder, str(slide.path))
-    bag = embed_slide(slide, encoder, transform, TileConfig(), TissueConfig())
+    bag = embed_slide(slide, encoder, transform, tile or TileConfig(), TissueConfig())
     return SlideInput(bag, slide.name, stain, part, str(slide.path))
 
 
-def _from_case(case: Any, encoder: Any, transform: Any) -> list[SlideInput]:
+def _from_case(case: Any, encoder: Any, transform: Any, tile: Any = None) -> list[SlideInput]:
     out = []
     for ref in case.slides:
-        for item in _from_path(Path(ref.path), encoder, transform, ref.stain, ref.part):
+        for item in _from_path(Path(ref.path), encoder, transform, ref.stain, ref.part, tile):
             item.name = ref.name
             out.append(item)
     return out
 
 
-def resolve_inputs(input: Any, encoder: Any = None, transform: Any = None) -> list[SlideInput]:
-    """Feature bags of every slide in ``input`` (None or [] -> no slide)."""
+def resolve_inputs(input: Any, encoder: Any = None, transform: Any = None,
+                   tile: Any = None) -> list[SlideInput]:
+    """Feature bags of every slide in ``input`` (None or [] -> no slide).
+
+    ``tile`` (a TileConfig; None = its defaults) sets how whole slides are cut for the encoder.
+    """
     from pathvlm.features import FeatureBag
 
     if input is None:
@@ -102,21 +108,23 @@ def resolve_inputs(input: Any, encoder: Any = None, transform: Any = None) -> li
         coords = torch.zeros(input.shape[0], 2, dtype=torch.int64)
         return [SlideInput(FeatureBag(input, coords), None, source="<tensor>")]
     if isinstance(input, (str, Path)):
-        return _from_path(Path(input), encoder, transform)
+        return _from_path(Path(input), encoder, transform, tile=tile)
     if isinstance(input, (list, tuple)):
-        return [s for item in input for s in resolve_inputs(item, encoder, transform)]
+        return [s for item in input for s in resolve_inputs(item, encoder, transform, tile)]
     from pathvlm.case import Case
 
     if isinstance(input, Case):
-        return _from_case(input, encoder, transform)
+        return _from_case(input, encoder, transform, tile)
     if hasattr(input, "read_region") and hasattr(input, "path"):  # a pathvlm Slide
-        return [_from_slide(input, encoder, transform)]
+        return [_from_slide(input, encoder, transform, tile=tile)]
     from PIL import Image
 
     if isinstance(input, Image.Image):
         from pathvlm.embed import embed_image
 
         _need_encoder(encoder, "image")
-        return [SlideInput(embed_image(input.convert("RGB"), encoder, transform), None, source="<image>")]
+        size = tile.size if tile is not None else 224
+        return [SlideInput(embed_image(input.convert("RGB"), encoder, transform, size=size), None,
+                           source="<image>")]
     raise ModelError(f"cannot ask about a {type(input).__name__}: give a slide, image, feature file, "
                      "FeatureBag, Case or a list of these")

@@ -47,6 +47,8 @@ class ModelConfig:
         llm: ``load_llm`` source; ``llm_config``: LlamaConfig kwargs for a from-scratch LLM
             (tiny test models) that is then saved in the run directory under ``llm/``.
         system_prompt: None keeps the chat template's own default.
+        tile_mpp, tile_size: how a whole slide is cut for the encoder (um/px and pixels per tile
+            side); they should match the scale the encoder was trained at.
     """
 
     encoder: str | None = None
@@ -61,6 +63,8 @@ class ModelConfig:
     quantization: str | None = None
     max_case_tokens: int = 64
     system_prompt: str | None = None
+    tile_mpp: float = 0.5
+    tile_size: int = 224
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
@@ -154,7 +158,10 @@ class PathVLM(nn.Module):
     def prepare(self, input: Any, question: str, history: list[dict[str, str]] | None = None
                 ) -> torch.Tensor:
         """Prompt embeddings [1, L, H] for a question about ``input`` (None: no slide)."""
-        slides = resolve_inputs(input, self.encoder, self.transform)
+        from pathvlm.slide import TileConfig
+
+        tile = TileConfig(mpp=self.cfg.tile_mpp, size=self.cfg.tile_size)
+        slides = resolve_inputs(input, self.encoder, self.transform, tile)
         slide_embeds, slots = self.slide_embeddings(slides)
         messages = build_messages(question, slots, history, self.cfg.system_prompt)
         ids = render(self.tokenizer, messages).to(self.device)
@@ -210,6 +217,14 @@ class PathVLM(nn.Module):
         thread.join()
         if errors:
             raise errors[0]
+
+    def draft_report(self, input: Any, kind: str, clinical: dict[str, Any] | None = None,
+                     case: Any = None, findings_config: Any = None) -> Any:
+        """A draft structured report (``pathvlm.reports``) of a slide, image, features or case;
+        ``findings_config``: a ``pathvlm.reports.from_model.FindingsConfig``."""
+        from pathvlm.reports.from_model import ReportDrafter
+
+        return ReportDrafter(self, findings_config).draft(input, kind, clinical, case)
 
     # -- persistence ------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path) -> Path:

@@ -22,6 +22,7 @@ from pathvlm.train.config import ClipStageConfig
 log = logging.getLogger(__name__)
 
 TEXT_FREE = ("logit_scale", "logit_bias")  # belong to neither tower
+TEXT_PROJ_PREFIXES = ("text.proj", "text_projection")  # the text tower's output projection
 
 
 def _open_rgb(path: str) -> Image.Image:
@@ -47,11 +48,19 @@ class PairDataset(Dataset):
         return self.transform(_open_rgb(rec["image"]), seed), rec["text"]
 
 
-def freeze_towers(model: torch.nn.Module, lock_image: bool, lock_text: bool) -> None:
-    """Turn off gradients for the image tower (``visual.*``) and/or everything text-side."""
+def freeze_towers(
+    model: torch.nn.Module, lock_image: bool, lock_text: bool, train_text_proj: bool = False
+) -> None:
+    """Turn off gradients for the image tower (``visual.*``) and/or everything text-side.
+
+    ``train_text_proj`` keeps the text output projection trainable under ``lock_text``, so a
+    pretrained language model stays fixed while its projection into the shared space learns.
+    """
     for name, param in model.named_parameters():
         is_image = name.startswith("visual.")
-        if (is_image and lock_image) or (not is_image and name not in TEXT_FREE and lock_text):
+        is_proj = train_text_proj and name.startswith(TEXT_PROJ_PREFIXES)
+        frozen_text = not is_image and name not in TEXT_FREE and lock_text and not is_proj
+        if (is_image and lock_image) or frozen_text:
             param.requires_grad_(False)
 
 
@@ -81,7 +90,8 @@ class ClipTask:
         if not self.encoder.has_text:
             raise ModelError(f"encoder {cfg.model.encoder} has no text tower; the clip stage needs one")
         self.model = self.encoder.model
-        freeze_towers(self.model, cfg.model.lock_image, cfg.model.lock_text)
+        freeze_towers(self.model, cfg.model.lock_image, cfg.model.lock_text,
+                      cfg.model.train_text_proj)
         pre = PreprocessCfg(**self.encoder.preprocess_cfg)
         size = pre.size if isinstance(pre.size, int) else pre.size[0]
         self.transform = TrainTransform(size, pre.mean, pre.std, cfg.augment)

@@ -64,6 +64,7 @@ class ClipModelConfig:
     encoder: str = "openclip:pathvlm-vit-s-minilm"  # any create_encoder name
     lock_image: bool = False
     lock_text: bool = False
+    train_text_proj: bool = False  # with lock_text: still train the text projection (text.proj / text_projection)
 
 
 @dataclass

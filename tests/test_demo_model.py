@@ -1,0 +1,96 @@
+"""The shipped `pathvlm-demo` model: committed, small, trained, loadable offline."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from pathvlm.encoders import create_encoder
+from pathvlm.model.demo import DEMO_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_BYTES = 40 * 1024 * 1024
+
+
+def test_demo_files_are_committed_and_small():
+    files = [f for f in DEMO_DIR.rglob("*") if f.is_file()]
+    names = {f.relative_to(DEMO_DIR).as_posix() for f in files}
+    for needed in ("config.yaml", "meta.json", "aggregator.safetensors", "projector.safetensors",
+                   "encoder/open_clip_config.json", "encoder/open_clip_model.safetensors"):
+        assert needed in names, f"{needed} missing from {DEMO_DIR}"
+    assert sum(f.stat().st_size for f in files) <= MAX_BYTES
+    assert not any(f.suffix in (".bin", ".pt", ".pth", ".pkl") for f in files)  # safetensors only
+
+
+def test_demo_encoder_omits_the_frozen_minilm_weights():
+    from safetensors import safe_open
+
+    with safe_open(str(DEMO_DIR / "encoder" / "open_clip_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("visual.") for k in keys) and "logit_scale" in keys
+    assert any(k.startswith("text.proj") for k in keys)  # the trained projection is shipped
+    assert not any(k.startswith("text.transformer.") for k in keys)  # MiniLM comes from its package
+
+
+def test_demo_encoder_loads_with_its_recorded_hash():
+    encoder, _ = create_encoder("pathvlm-demo", device="cpu")
+    meta = json.loads((DEMO_DIR / "meta.json").read_text())
+    assert encoder.weights_hash == meta["encoder_weights_hash"]  # package MiniLM == trained-with MiniLM
+    assert encoder.has_text and encoder.embed_dim == 256
+
+
+def test_omitting_package_text_round_trips_and_stays_strict(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pathvlm.errors import ModelError
+
+    encoder, _ = create_encoder("pathvlm-demo", device="cpu")
+    encoder.save(tmp_path / "enc", omit_package_text=True)
+    again, _ = create_encoder(f"local-dir:{tmp_path / 'enc'}", device="cpu")
+    assert again.weights_hash == encoder.weights_hash
+    weights = tmp_path / "enc" / "open_clip_model.safetensors"
+    state = load_file(str(weights))
+    del state["text.proj.weight"]  # a trained part missing is still an error, by name
+    save_file(state, str(weights))
+    with pytest.raises(ModelError, match="text.proj.weight"):
+        create_encoder(f"local-dir:{tmp_path / 'enc'}", device="cpu")
+
+
+def test_demo_encoder_is_trained_zero_shot_beats_chance_on_crc_val(shared_data):
+    from pathvlm.zeroshot import ZeroShotClassifier
+
+    index = shared_data / "crc_tiles" / "index.csv"
+    if not index.is_file():
+        pytest.skip(f"{index} is missing")
+    with index.open() as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    per_class: dict[str, list[Path]] = {}
+    for r in rows:
+        per_class.setdefault(r["label"], []).append(index.parent / r["path"])
+    paths, labels = [], []
+    for label in sorted(per_class):
+        for p in per_class[label][:2]:  # 2 tiles per class; all 9 prompt classes compete: chance 1/9
+            paths.append(p)
+            labels.append(label)
+    encoder, _ = create_encoder("pathvlm-demo", device="cpu")
+    clf = ZeroShotClassifier(encoder, prompts=REPO / "configs" / "prompts" / "crc_tissue.json",
+                             progress=False)
+    result = clf.predict([str(p) for p in paths])
+    accuracy = sum(p == t for p, t in zip(result.labels, labels)) / len(labels)
+    assert accuracy >= 0.5, f"zero-shot accuracy {accuracy:.2f} on {len(labels)} CRC val tiles"
+
+
+@pytest.mark.llm
+def test_load_model_demo_offline(monkeypatch):
+    import pathvlm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    model = pathvlm.load_model("demo")
+    meta = json.loads((DEMO_DIR / "meta.json").read_text())
+    assert model.encoder.weights_hash == meta["encoder_weights_hash"]
+    assert (model.cfg.tile_mpp, model.cfg.tile_size) == (1.0, 112)  # slides cut at the training scale
+    assert model.encoder.model_cfg["vision_cfg"]["image_size"] == model.cfg.tile_size
