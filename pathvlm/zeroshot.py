@@ -146,17 +146,6 @@ def _resolve_encoder(model: Any) -> tuple[Any, Callable | None, float]:
     return encoder, transform, scale
 
 
-def _default_transform(encoder: Any) -> Callable:
-    cfg = getattr(encoder, "preprocess_cfg", None)
-    if cfg is None:
-        raise ModelError(
-            f"encoder {getattr(encoder, 'name', '?')} carries no preprocessing; pass transform="
-        )
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
-
-
 def encode_prompt_set(encoder: Any, prompt_set: PromptSet) -> torch.Tensor:
     """[C, D] class embeddings: mean of L2-normalised prompt embeddings, re-normalised. Cached."""
     key = (
@@ -336,7 +325,9 @@ class ZeroShotClassifier:
     @property
     def transform(self) -> Callable:
         if self._transform is None:
-            self._transform = _default_transform(self.encoder)
+            from pathvlm.encoders import build_transform
+
+            self._transform = build_transform(self.encoder)
         return self._transform
 
     def _device(self) -> torch.device:

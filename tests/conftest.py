@@ -1,10 +1,11 @@
-"""Shared fixtures: where the real data lives, and skips with a reason when it does not."""
+"""Shared fixtures: where the real data lives (skips with a reason when it does not), tiny datasets."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # tests never reach a model hub: fail fast instead of waiting on a closed network
@@ -51,3 +52,38 @@ def ihc_png() -> Path:
     if not path.exists():
         pytest.skip(f"{path} missing from this scikit-image install")
     return path
+
+
+def _texture(label: str, rng: np.random.Generator) -> np.ndarray:
+    """48 px stand-ins with class-specific colour and texture (fat, lymphocytes, muscle)."""
+    img = np.full((48, 48, 3), 235, dtype=np.float32)
+    if label == "LYM":
+        img[:] = (200, 170, 210)
+        for y, x in rng.integers(0, 46, (60, 2)):
+            img[y:y + 3, x:x + 3] = (60, 40, 120)
+    elif label == "MUS":
+        img[:] = (220, 120, 150)
+        img[::4] = (170, 60, 110)
+    else:  # ADI: white with thin pink membranes
+        img[::12] = (230, 160, 190)
+        img[:, ::12] = (230, 160, 190)
+    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def pairs_dir(tmp_path_factory) -> Path:
+    """A tiny CRC-class pairs dataset (ADI/LYM/MUS, 10 images each) built by `pathvlm data build`."""
+    from PIL import Image
+
+    from pathvlm.cli import main
+
+    root = tmp_path_factory.mktemp("clipdata")
+    rng = np.random.default_rng(0)
+    for label in ("ADI", "LYM", "MUS"):
+        (root / "imgs" / label).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(_texture(label, rng)).save(root / "imgs" / label / f"{i}.png")
+    classes = REPO / "configs" / "classes" / "crc_tissue.yaml"
+    assert main(["data", "build", str(root / "imgs"), "--classes", str(classes), "-o", str(root / "data"),
+                 "--val-fraction", "0.2", "--captions-per-image", "2", "--tasks", ""]) == 0
+    return root / "data"

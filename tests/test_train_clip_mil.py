@@ -17,35 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 CRC_YAML = REPO / "configs" / "classes" / "crc_tissue.yaml"
 
 
-def _texture(label: str, rng: np.random.Generator) -> np.ndarray:
-    """48 px stand-ins with class-specific colour and texture (fat, lymphocytes, muscle)."""
-    img = np.full((48, 48, 3), 235, dtype=np.float32)
-    if label == "LYM":
-        img[:] = (200, 170, 210)
-        for y, x in rng.integers(0, 46, (60, 2)):
-            img[y:y + 3, x:x + 3] = (60, 40, 120)
-    elif label == "MUS":
-        img[:] = (220, 120, 150)
-        img[::4] = (170, 60, 110)
-    else:  # ADI: white with thin pink membranes
-        img[::12] = (230, 160, 190)
-        img[:, ::12] = (230, 160, 190)
-    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("clipdata")
-    rng = np.random.default_rng(0)
-    for label in ("ADI", "LYM", "MUS"):
-        (root / "imgs" / label).mkdir(parents=True)
-        for i in range(10):
-            Image.fromarray(_texture(label, rng)).save(root / "imgs" / label / f"{i}.png")
-    assert main(["data", "build", str(root / "imgs"), "--classes", str(CRC_YAML), "-o", str(root / "data"),
-                 "--val-fraction", "0.2", "--captions-per-image", "2", "--tasks", ""]) == 0
-    return root / "data"
-
-
 def _clip_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["-q", "train", "clip", "-c", str(REPO / "configs" / "train" / "clip_crc.yaml"),
             f"train.out_dir={out}", f"data.train={data / 'pairs_train.jsonl'}", f"data.val={data / 'pairs_val.jsonl'}",

@@ -1,6 +1,19 @@
 """Patch encoder registry on open_clip: `create_encoder(name) -> (PatchEncoder, transform)`."""
 
 from pathvlm.encoders.patch_encoder import PatchEncoder
-from pathvlm.encoders.registry import EncoderEntry, create_encoder, get_encoder_entry, list_encoders
+from pathvlm.encoders.registry import (
+    EncoderEntry,
+    build_transform,
+    create_encoder,
+    get_encoder_entry,
+    list_encoders,
+)
 
-__all__ = ["EncoderEntry", "PatchEncoder", "create_encoder", "get_encoder_entry", "list_encoders"]
+__all__ = [
+    "EncoderEntry",
+    "PatchEncoder",
+    "build_transform",
+    "create_encoder",
+    "get_encoder_entry",
+    "list_encoders",
+]

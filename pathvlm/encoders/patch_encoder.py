@@ -10,13 +10,16 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pathvlm.encoders.archs import resolve_hf_name, resolve_text_cfg
 from pathvlm.errors import ModelError
+
+if TYPE_CHECKING:
+    from pathvlm.stain import StainReference
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -79,6 +82,8 @@ class PatchEncoder(nn.Module):
         embed_dim: size D of ``encode_image`` / ``encode_text`` outputs.
         weights_hash: short sha256 of the weights, so features from different weights never mix.
         has_text: whether ``encode_text`` is available.
+        stain_norm: a `pathvlm.stain.StainReference` that every image is Macenko-normalised to
+            before the transform, or None; saved in the config's ``pathvlm`` section.
     """
 
     def __init__(
@@ -100,6 +105,17 @@ class PatchEncoder(nn.Module):
         self.embed_dim = int(model_cfg["embed_dim"])
         self._tokenizer = None
         self.weights_hash = state_dict_hash(self.model.state_dict())
+        self.stain_norm: StainReference | None = None
+
+    def refresh_hash(self) -> str:
+        """Recompute ``weights_hash`` from the weights and the stain reference (both change the
+        features, so cached features of either never mix); returns it."""
+        digest = state_dict_hash(self.model.state_dict())
+        if self.stain_norm is not None:
+            ref = json.dumps(self.stain_norm.to_dict(), sort_keys=True)
+            digest = hashlib.sha256(f"{digest}|stain_norm|{ref}".encode()).hexdigest()[:16]
+        self.weights_hash = digest
+        return digest
 
     @property
     def device(self) -> torch.device:
@@ -160,6 +176,8 @@ class PatchEncoder(nn.Module):
         }
         if omit_package_text:
             meta["text_transformer_from"] = self.model_cfg["text_cfg"]["hf_model_name"]
+        if self.stain_norm is not None:  # not in preprocess_cfg: open_clip rejects unknown keys
+            meta["stain_norm"] = self.stain_norm.to_dict()
         config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg, "pathvlm": meta}
         (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         save_file(tensors, str(out_dir / WEIGHTS_NAME))

@@ -23,7 +23,6 @@ from pathvlm.encoders.patch_encoder import (
     WEIGHTS_NAME,
     PatchEncoder,
     build_clip,
-    state_dict_hash,
 )
 from pathvlm.errors import ModelError
 
@@ -180,10 +179,26 @@ def load_weights_strict(
         raise ModelError(f"{source}: weights do not match the architecture; " + "; ".join(problems))
 
 
-def _make_transform(preprocess_cfg: dict[str, Any]) -> Transform:
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+def build_transform(encoder: Any) -> Transform:
+    """The eval transform of an encoder (PIL image -> [3, H, W] tensor), from what it carries.
 
-    return image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
+    open_clip's resize/crop/normalise from ``encoder.preprocess_cfg``, preceded by Macenko stain
+    normalisation (PIL in, PIL out) when the encoder carries a stain reference (``stain_norm``).
+    Every inference path (create_encoder, zero-shot, eval) builds its transform here.
+    """
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from torchvision.transforms import Compose
+
+    from pathvlm.stain import StainNormalizer
+
+    preprocess_cfg = getattr(encoder, "preprocess_cfg", None)
+    if preprocess_cfg is None:
+        raise ModelError(
+            f"encoder {getattr(encoder, 'name', '?')} carries no preprocessing; pass transform="
+        )
+    transform = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
+    reference = getattr(encoder, "stain_norm", None)
+    return transform if reference is None else Compose([StainNormalizer(reference), transform])
 
 
 def _default_preprocess(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -211,12 +226,17 @@ _TEXT_TOWER_KEYS = ("text.", "transformer.", "token_embedding.", "positional_emb
 def _from_config_and_weights(
     name: str, config_path: Path, weights_path: Path | None, vision_only: bool
 ) -> tuple[PatchEncoder, Transform]:
+    from pathvlm.stain import StainReference
+
     model_cfg, preprocess, meta = _read_config_file(config_path)
     vision_only = vision_only or bool(meta.get("vision_only", False))
     # a checkpoint saved with omit_package_text holds all but the pretrained HF text transformer
     text_from_package = bool(meta.get("text_transformer_from")) and not vision_only
     model = build_clip(model_cfg, pretrained_text=weights_path is None or text_from_package)
     encoder = PatchEncoder(name, model, model_cfg, preprocess, vision_only=vision_only)
+    if meta.get("stain_norm") is not None:
+        encoder.stain_norm = StainReference.from_dict(meta["stain_norm"], f"{config_path}: stain_norm")
+        encoder.refresh_hash()
     if weights_path is not None:
         state = _load_state_dict(weights_path)
         if vision_only:  # the dropped text tower's weights have nowhere to go
@@ -230,11 +250,11 @@ def _from_config_and_weights(
             state.update({k: v for k, v in own.items() if k.startswith(PACKAGE_TEXT_PREFIX)})
         load_weights_strict(encoder.model, state, str(weights_path))
         encoder.weights_hash = encoder_hash(encoder)
-    return encoder, _make_transform(preprocess)
+    return encoder, build_transform(encoder)
 
 
 def encoder_hash(encoder: PatchEncoder) -> str:
-    return state_dict_hash(encoder.model.state_dict())
+    return encoder.refresh_hash()
 
 
 def _find_weights(folder: Path) -> Path | None:
@@ -258,7 +278,7 @@ def _create_openclip(name: str, spec: str, vision_only: bool) -> tuple[PatchEnco
     if checkpoint:
         load_weights_strict(encoder.model, _load_state_dict(Path(checkpoint)), checkpoint)
         encoder.weights_hash = encoder_hash(encoder)
-    return encoder, _make_transform(preprocess)
+    return encoder, build_transform(encoder)
 
 
 def _create_hf_hub(name: str, repo: str, vision_only: bool) -> tuple[PatchEncoder, Transform]:

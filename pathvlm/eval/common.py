@@ -145,9 +145,9 @@ def embed_dataset(
     import torch
     from tqdm.auto import tqdm
 
-    from pathvlm.zeroshot import _default_transform
+    from pathvlm.encoders import build_transform
 
-    transform = transform or getattr(encoder, "transform", None) or _default_transform(encoder)
+    transform = transform or getattr(encoder, "transform", None) or build_transform(encoder)
     device = next(encoder.parameters()).device
     show = progress if progress is not None else len(images) > batch_size
     out = []

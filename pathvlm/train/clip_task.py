@@ -7,6 +7,7 @@ final encoder is saved with `PatchEncoder.save`, so `local-dir:<run>/encoder` re
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 TEXT_FREE = ("logit_scale", "logit_bias")  # belong to neither tower
 TEXT_PROJ_PREFIXES = ("text.proj", "text_projection")  # the text tower's output projection
+STAIN_FIT_IMAGES = 64  # train images the Macenko reference is fitted on
 
 
 def _open_rgb(path: str) -> Image.Image:
@@ -34,10 +36,15 @@ def _open_rgb(path: str) -> Image.Image:
 
 
 class PairDataset(Dataset):
-    """Pairs records -> (augmented image [3, S, S], caption); keyed by (index, sample_seed)."""
+    """Pairs records -> (augmented image [3, S, S], caption); keyed by (index, sample_seed).
 
-    def __init__(self, records: list[dict[str, Any]], transform: TrainTransform):
-        self.records, self.transform = records, transform
+    ``stain``, when given, normalises each image (PIL -> PIL) before the augmentation, so stain
+    jitter varies the colours around the normalised ones, as inference will see them.
+    """
+
+    def __init__(self, records: list[dict[str, Any]], transform: TrainTransform,
+                 stain: Callable[[Image.Image], Image.Image] | None = None):
+        self.records, self.transform, self.stain = records, transform, stain
 
     def __len__(self) -> int:
         return len(self.records)
@@ -45,7 +52,10 @@ class PairDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str]:
         index, seed = key
         rec = self.records[index]
-        return self.transform(_open_rgb(rec["image"]), seed), rec["text"]
+        image = _open_rgb(rec["image"])
+        if self.stain is not None:
+            image = self.stain(image)
+        return self.transform(image, seed), rec["text"]
 
 
 def freeze_towers(
@@ -98,10 +108,35 @@ class ClipTask:
         self.records = read_pairs(cfg.data.train)
         if any("image" not in r for r in self.records):
             raise ConfigError(f"{cfg.data.train}: the clip stage trains on pixels; every record needs 'image'")
+        self._set_stain_reference(cfg)
         state = PartialState()
         self.loss = open_clip.ClipLoss(local_loss=state.num_processes > 1, gather_with_grad=True,
                                        rank=state.process_index, world_size=state.num_processes)
         self.val = self._load_val(cfg) if cfg.data.val else None
+
+    def _set_stain_reference(self, cfg: ClipStageConfig) -> None:
+        """Fit (``macenko``) or keep (``""``) the encoder's stain reference; rebuild eval transform."""
+        from pathvlm.encoders import build_transform
+        from pathvlm.stain import StainNormalizer, fit_reference, reference_images
+
+        if cfg.model.stain_norm not in ("", "macenko"):
+            raise ConfigError(f"model.stain_norm: {cfg.model.stain_norm!r} is not one of ['', 'macenko']")
+        if cfg.model.stain_norm == "macenko":
+            # a seeded subset across the whole set, not the first files (often all one class)
+            distinct = {r["image"] for r in self.records}
+            paths = reference_images(sorted(distinct), STAIN_FIT_IMAGES)
+            try:
+                reference = fit_reference((_open_rgb(p) for p in paths), max_images=len(paths))
+            except ModelError as exc:
+                raise ModelError(f"{cfg.data.train}: model.stain_norm=macenko: {exc}") from exc
+            log.info("model.stain_norm=macenko: stain reference fitted on %d of %d train images",
+                     len(paths), len(distinct))
+            self.encoder.stain_norm = reference
+        elif self.encoder.stain_norm is not None:
+            log.info("encoder %s carries a stain reference: train images are normalised to it",
+                     cfg.model.encoder)
+        self.eval_transform = build_transform(self.encoder)
+        self.stain = None if self.encoder.stain_norm is None else StainNormalizer(self.encoder.stain_norm)
 
     def _load_val(self, cfg: ClipStageConfig) -> dict[str, Any]:
         if not cfg.data.classes:
@@ -116,7 +151,7 @@ class ClipTask:
         return {"classes": classes, "images": images}
 
     def train_dataset(self) -> Dataset:
-        return PairDataset(self.records, self.transform)
+        return PairDataset(self.records, self.transform, self.stain)
 
     def collate(self, items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([img for img, _ in items])  # [B, 3, S, S]
@@ -151,9 +186,7 @@ class ClipTask:
         return {"zeroshot_acc": accuracy, "zeroshot_bacc": balanced_accuracy(y_true, y_pred)}
 
     def save_final(self, out_dir: Path) -> None:
-        from pathvlm.encoders.patch_encoder import state_dict_hash
-
         self.encoder.model = self.model
-        self.encoder.weights_hash = state_dict_hash(self.model.state_dict())
+        self.encoder.refresh_hash()
         self.encoder.save(Path(out_dir) / "encoder")
         log.info("saved encoder to %s (load with local-dir:%s)", out_dir / "encoder", out_dir / "encoder")

@@ -65,6 +65,9 @@ class ClipModelConfig:
     lock_image: bool = False
     lock_text: bool = False
     train_text_proj: bool = False  # with lock_text: still train the text projection (text.proj / text_projection)
+    # "macenko": fit a stain reference on the train images, normalise every image to it (before
+    # augmentation) and save it with the encoder; "": keep the reference the encoder carries, if any
+    stain_norm: Literal["", "macenko"] = ""
 
 
 @dataclass
