@@ -15,11 +15,13 @@ from pathvlm.cli import main
 from pathvlm.data import (
     BuildConfig,
     build_datasets,
+    load_class_set,
     read_conversations,
     read_jsonl,
     read_mil_csv,
     read_pairs,
 )
+from pathvlm.data.questions import mc_question
 from pathvlm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,14 +117,21 @@ def test_multiple_choice_is_shuffled_and_answer_index_correct(tmp_path):
     build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=("mc",)))
     records = _all_records(tmp_path / "out", "instruct")
     assert len(records) == 36
-    positions = collections.Counter()
+    positions, phrasings = collections.Counter(), collections.Counter()
     for rec in records:
         assert rec["options"][rec["answer_index"]] == rec["label"]
         letter = "ABCD"[rec["answer_index"]]
+        question = rec["messages"][0]["content"]
         assert rec["messages"][1]["content"].startswith(f"{letter}. ")
-        assert f"\n{letter}. " in rec["messages"][0]["content"]
+        assert f"\n{letter}. " in question or f" {letter}) " in question
         positions[rec["answer_index"]] += 1
+        phrasings[f" {letter}) " in question] += 1
     assert len(positions) == 4 and max(positions.values()) < 0.5 * len(records)
+    # both phrasings are trained, one of them the exact template `pathvlm eval vqa` asks in
+    assert min(phrasings.values()) >= 0.25 * len(records)
+    mc_eval = next(r for r in records if " A) " in r["messages"][0]["content"])
+    names = [load_class_set(LYMPHOMA_YAML).get(label).name for label in mc_eval["options"]]
+    assert mc_eval["messages"][0]["content"].endswith(mc_question(names))
 
 
 def test_yes_no_is_balanced_and_truthful(tmp_path):

@@ -20,6 +20,7 @@ from typing import Any
 
 from pathvlm.data.classes import ClassInfo, ClassSet, load_class_set
 from pathvlm.data.formats import SLIDE_TOKEN, write_jsonl
+from pathvlm.data.questions import mc_question, yesno_question
 from pathvlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,9 @@ def _instructions(row: IndexRow, info: ClassInfo, classes: ClassSet, cfg: BuildC
             candidate = info if yes or not others else rng.choice(others)
             reply = (f"Yes. {caption}" if candidate is info
                      else f"No. The image shows {info.name}, not {candidate.name}. {caption}")
-            messages = _turn(f"Is this {candidate.name}? Answer yes or no.", reply)
+            question = rng.choice([f"Is this {candidate.name}? Answer yes or no.",
+                                   yesno_question(candidate.name)])
+            messages = _turn(question, reply)
             extra = {"answer": "yes" if candidate is info else "no"}
         elif task == "mc":
             options = [info] + rng.sample(others, min(len(others), cfg.mc_options - 1))
@@ -162,8 +165,9 @@ def _instructions(row: IndexRow, info: ClassInfo, classes: ClassSet, cfg: BuildC
             index = options.index(info)
             letters = "ABCDEFGHIJ"
             listing = "\n".join(f"{letters[i]}. {o.name}" for i, o in enumerate(options))
-            messages = _turn(f"Which option best describes this image?\n{listing}\nAnswer with the letter.",
-                             f"{letters[index]}. {info.name}")
+            question = rng.choice([f"Which option best describes this image?\n{listing}\nAnswer with the letter.",
+                                   mc_question([o.name for o in options])])
+            messages = _turn(question, f"{letters[index]}. {info.name}")
             extra = {"options": [o.label for o in options], "answer_index": index}
         elif task == "report":
             impression = f"Impression: consistent with {info.name}."

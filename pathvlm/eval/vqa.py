@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pathvlm.data.questions import mc_question, yesno_question
 from pathvlm.errors import ConfigError
 from pathvlm.eval.common import ImageSequence, Perturbation
 from pathvlm.eval.datasets import load_dataset, match_classes
@@ -43,19 +44,6 @@ class VQAConfig:
     resize_mpp_factor: float = 1.0
     stain_jitter: float = 0.0
     decoding: dict[str, Any] = field(default_factory=dict)  # extra generation kwargs
-
-
-def mc_question(options: list[str]) -> str:
-    letters = string.ascii_uppercase
-    listed = " ".join(f"{letters[i]}) {opt}." for i, opt in enumerate(options))
-    return (
-        f"Which of the following best describes the tissue in this image? {listed} "
-        "Answer with the letter only."
-    )
-
-
-def yesno_question(name: str) -> str:
-    return f"Does this image show {name}? Answer yes or no."
 
 
 def parse_choice(answer: str, options: list[str]) -> int | None:
