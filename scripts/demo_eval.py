@@ -60,7 +60,7 @@ def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path
         _pathvlm(["eval", "vqa", "--model", model, "--data", index, "--split", "val",
                   "--prompts", prompts, "--json", str(js)])
         r = json.loads(js.read_text())
-        rows.append((f"VQA {short}: accuracy (MC / yes-no) | option-order consistency",
+        rows.append((f"VQA {short}: accuracy (MC / yes-no); option-order consistency",
                      f"{r['accuracy']:.3f} ({r['mc_accuracy']:.3f} / {r['yesno_accuracy']:.3f})",
                      f"{r['option_order_consistency']:.3f}"))
     if not skip_llm:
@@ -68,7 +68,7 @@ def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path
         _pathvlm(["eval", "report", "--type", "lymphoma", "--model", model, "--data",
                   str(data / "lymphoma_nia" / "index.csv"), "--split", "val", "--json", str(js)])
         r = json.loads(js.read_text())
-        rows.append(("lymphoma report: top entity accuracy | ancillary wrongly filled",
+        rows.append(("lymphoma report: top entity accuracy; ancillary wrongly filled",
                      f"{r['top_entity_accuracy']:.3f}", f"{r['ancillary_wrongly_filled_share']:.3f}"))
     table = "| evaluation (val split) | balanced acc. [95% CI] or value | accuracy / second value |\n"
     table += "|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)

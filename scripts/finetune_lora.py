@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated LLM module names that get LoRA")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--merge", action="store_true", help="also save <out>/merged with the adapter merged in")
-    p.add_argument("--qlora", action="store_true", help="load the LLM in 4 bit (bitsandbytes, CUDA only)")
+    p.add_argument("--qlora", action="store_true", help="load the LLM in 4 bit (bitsandbytes: CUDA, or CPU with bitsandbytes >= 0.50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the instruct stage config")

