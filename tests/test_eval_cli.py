@@ -27,28 +27,16 @@ def _synthetic(root: Path, n: int = 4) -> Path:
     return root
 
 
+def _eval_zeroshot(data: Path, out: Path, *extra: str) -> int:
+    """`pathvlm eval zeroshot` of the tiny encoder with the CRC prompt file."""
+    return main(["-q", "eval", "zeroshot", "--data", str(data), "--prompts", CRC_PROMPTS,
+                 "--model", TINY, "--json", str(out), *extra])
+
+
 def test_eval_zeroshot_cli_writes_report(tmp_path, capsys):
     data = _synthetic(tmp_path / "data")
     out = tmp_path / "out" / "zs.json"
-    rc = main(
-        [
-            "-q",
-            "eval",
-            "zeroshot",
-            "--data",
-            str(data),
-            "--prompts",
-            CRC_PROMPTS,
-            "--model",
-            TINY,
-            "--json",
-            str(out),
-            "--n-boot",
-            "100",
-            "--stain-jitter",
-            "0.05",
-        ]
-    )
+    rc = _eval_zeroshot(data, out, "--n-boot", "100", "--stain-jitter", "0.05")
     assert rc == 0
     res = json.loads(out.read_text())
     for key in (
@@ -72,24 +60,7 @@ def test_eval_zeroshot_cli_writes_report(tmp_path, capsys):
     for name in ("zs.md", "zs_confusion.png", "zs_predictions.csv"):
         assert (out.parent / name).stat().st_size > 0
     assert "balanced_accuracy" in capsys.readouterr().out
-    rc = main(
-        [
-            "-q",
-            "eval",
-            "zeroshot",
-            "--data",
-            str(data),
-            "--prompts",
-            CRC_PROMPTS,
-            "--model",
-            TINY,
-            "--all-classes",
-            "--json",
-            str(tmp_path / "all.json"),
-            "--n-boot",
-            "20",
-        ]
-    )
+    rc = _eval_zeroshot(data, tmp_path / "all.json", "--all-classes", "--n-boot", "20")
     assert rc == 0
     assert len(json.loads((tmp_path / "all.json").read_text())["competing_classes"]) == 9
 
