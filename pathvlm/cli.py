@@ -555,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # bitsandbytes' CPU backend warns on import about an optional hub package
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
