@@ -69,6 +69,7 @@ def run_child(stage: str, steps: int, batch_size: int) -> dict:
     """Train one stage in this process and return its throughput and peak RSS."""
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        config = None  # clip and mil: the stage defaults + overrides
         common = [f"train.out_dir={tmp / 'run'}", f"train.steps={steps}", f"train.batch_size={batch_size}",
                   "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.cpu=true",
                   "optim.warmup_steps=1"]
@@ -90,9 +91,7 @@ def run_child(stage: str, steps: int, batch_size: int) -> dict:
             else:
                 overrides += [f"data.train={data / 'instruct_train.jsonl'}", "init=demo",
                               f"qlora={'true' if stage.endswith('qlora') else 'false'}"]
-            run = _timed_stage(name, config, overrides)
-            return _result(stage, steps, batch_size, *run)
-        return _result(stage, steps, batch_size, *_timed_stage(name, None, overrides))
+        return _result(stage, steps, batch_size, *_timed_stage(name, config, overrides))
 
 
 def _timed_stage(name: str, config: str | None, overrides: list[str]) -> tuple[list[float], float]:

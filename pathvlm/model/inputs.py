@@ -34,6 +34,13 @@ def _need_encoder(encoder: Any, what: str) -> None:
         raise ModelError(f"{what}: this model has no patch encoder; pass cached features (.h5) instead")
 
 
+def _tile(tile: Any) -> Any:
+    """The TileConfig to cut slides and images with (None: its defaults)."""
+    from pathvlm.slide import TileConfig
+
+    return tile or TileConfig()
+
+
 def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = None,
                part: str | None = None, tile: Any = None) -> list[SlideInput]:
     suffix = path.suffix.lower()
@@ -59,8 +66,7 @@ def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = Non
                 image = im.convert("RGB")
         except (OSError, UnidentifiedImageError) as exc:
             raise ModelError(f"{path}: cannot read image ({exc})") from exc
-        size = tile.size if tile is not None else 224
-        return [SlideInput(embed_image(image, encoder, transform, size=size), path.stem, stain, part,
+        return [SlideInput(embed_image(image, encoder, transform, size=_tile(tile).size), path.stem, stain, part,
                            str(path))]
     from pathvlm.slide import open_slide
 
@@ -71,10 +77,10 @@ def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = Non
 def _from_slide(slide: Any, encoder: Any, transform: Any, stain: str | None = None,
                 part: str | None = None, tile: Any = None) -> SlideInput:
     from pathvlm.embed import embed_slide
-    from pathvlm.slide import TileConfig, TissueConfig
+    from pathvlm.slide import TissueConfig
 
     _need_encoder(encoder, str(slide.path))
-    bag = embed_slide(slide, encoder, transform, tile or TileConfig(), TissueConfig())
+    bag = embed_slide(slide, encoder, transform, _tile(tile), TissueConfig())
     return SlideInput(bag, slide.name, stain, part, str(slide.path))
 
 
@@ -123,8 +129,7 @@ def resolve_inputs(input: Any, encoder: Any = None, transform: Any = None,
         from pathvlm.embed import embed_image
 
         _need_encoder(encoder, "image")
-        size = tile.size if tile is not None else 224
-        return [SlideInput(embed_image(input.convert("RGB"), encoder, transform, size=size), None,
+        return [SlideInput(embed_image(input.convert("RGB"), encoder, transform, size=_tile(tile).size), None,
                            source="<image>")]
     raise ModelError(f"cannot ask about a {type(input).__name__}: give a slide, image, feature file, "
                      "FeatureBag, Case or a list of these")

@@ -124,7 +124,7 @@ class ClipTask:
         if cfg.model.stain_norm == "macenko":
             # a seeded subset across the whole set, not the first files (often all one class)
             distinct = {r["image"] for r in self.records}
-            paths = reference_images(sorted(distinct), STAIN_FIT_IMAGES)
+            paths = reference_images(list(distinct), STAIN_FIT_IMAGES)  # sorted, seeded subset
             try:
                 reference = fit_reference((_open_rgb(p) for p in paths), max_images=len(paths))
             except ModelError as exc:
