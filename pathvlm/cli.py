@@ -168,7 +168,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     b.add_argument("-o", "--out", required=True, help="output folder")
     b.add_argument("--val-fraction", type=float, default=0.2, help="when the index has no split column")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--captions-per-image", type=int, default=1)
+    b.add_argument("--captions-per-image", type=int, default=1, help="description captions per image")
+    b.add_argument("--named-captions", type=int, default=1,
+                   help="extra pairs per image whose text names the class (class templates x name/synonyms)")
     b.add_argument("--case-pattern", default="", help="regex naming the case within a specimen id "
                    "(specimens of one case stay in one split)")
     b.add_argument("--tasks", default=",".join(TASKS), help=f"instruction kinds, comma separated ({','.join(TASKS)})")
@@ -184,7 +186,8 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
 
     tasks = tuple(t for t in args.tasks.split(",") if t)
     cfg = BuildConfig(classes=args.classes, val_fraction=args.val_fraction, seed=args.seed,
-                      captions_per_image=args.captions_per_image, tasks=tasks, case_pattern=args.case_pattern)
+                      captions_per_image=args.captions_per_image,
+                      named_captions=args.named_captions, tasks=tasks, case_pattern=args.case_pattern)
     summary = build_datasets(args.source, args.out, cfg)
     for split, info in summary["splits"].items():
         print(f"{split:10s} images {info['images']:5d}  pairs {info['pairs']:5d}  instructions {info['instructions']:5d}")

@@ -338,18 +338,7 @@ def embed_image(
             (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         )
 
-    def starts(length: int) -> list[int]:
-        if length <= size:
-            return [0]
-        pos = list(range(0, length - size + 1, size))
-        return pos if pos[-1] == length - size else [*pos, length - size]
-
-    coords = [(x, y) for y in starts(image.height) for x in starts(image.width)]
-    # clipped at the border so a thin image is not padded with black
-    tiles = [
-        image.crop((x, y, min(x + size, image.width), min(y + size, image.height)))
-        for x, y in coords
-    ]
+    tiles, coords = image_tiles(image, size)
     with torch.inference_mode(), _autocast(encoder.device):
         batches = [
             torch.stack([transform(t) for t in tiles[i : i + batch_size]])
@@ -366,6 +355,74 @@ def embed_image(
         "pathvlm_version": __version__,
     }
     return FeatureBag(feats, torch.tensor(coords, dtype=torch.int64).reshape(-1, 2), attrs)
+
+
+def _tile_origins(length: int, size: int) -> list[int]:
+    if length <= size:
+        return [0]
+    pos = list(range(0, length - size + 1, size))
+    return pos if pos[-1] == length - size else [*pos, length - size]
+
+
+def image_tiles(image: Any, size: int) -> tuple[list[Any], list[tuple[int, int]]]:
+    """A PIL image cut into ``size`` x ``size`` tiles at its native scale, and their (x, y).
+
+    The last row/column is shifted inward so every pixel is covered without padding; an image
+    no larger than one tile is one tile (the encoder transform resizes it). Every path that
+    turns a plain image into tiles (chat, zero-shot, evaluation) cuts it here, the same way.
+    """
+    coords = [(x, y) for y in _tile_origins(image.height, size) for x in _tile_origins(image.width, size)]
+    # clipped at the border so a thin image is not padded with black
+    tiles = [image.crop((x, y, min(x + size, image.width), min(y + size, image.height))) for x, y in coords]
+    return tiles, coords
+
+
+def pooled_image_embeddings(
+    images: Sequence[Any],
+    encoder: Any,
+    transform: Any,
+    size: int | None,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    progress: bool = False,
+    desc: str = "embedding",
+    load: Any = None,
+) -> torch.Tensor:
+    """[N, D] L2-normalised image embeddings: the mean of each image's native-scale tile embeddings.
+
+    ``images[i]`` is a PIL image, or what ``load`` turns into one. An image larger than one
+    ``size`` tile is cut by `image_tiles` (the cells keep the scale the encoder was trained at, as
+    in chat) instead of being shrunk to one input; its unit tile embeddings are averaged and
+    re-normalised. ``size=None`` embeds each image whole (slide tiles, already cut). Tiles of many
+    images share batches.
+    """
+    from tqdm.auto import tqdm
+
+    device = device or getattr(encoder, "device", None) or next(encoder.parameters()).device
+    sums: list[torch.Tensor] = []
+    pending: list[tuple[int, Any]] = []  # (image index, tile)
+
+    def flush() -> None:
+        x = torch.stack([transform(t) for _, t in pending]).to(device)
+        with torch.inference_mode(), _autocast(device):
+            emb = torch.nn.functional.normalize(encoder.encode_image(x).float(), dim=-1).cpu()
+        for (owner, _), e in zip(pending, emb):
+            if owner == len(sums):
+                sums.append(torch.zeros_like(e))
+            sums[owner] += e
+        pending.clear()
+
+    for i in tqdm(range(len(images)), desc=desc, disable=not progress):
+        image = (load or (lambda im: im))(images[i]).convert("RGB")
+        tiles = [image] if size is None else image_tiles(image, size)[0]
+        pending += [(i, t) for t in tiles]
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    if not sums:
+        return torch.zeros(0, 0)
+    return torch.nn.functional.normalize(torch.stack(sums), dim=-1)  # [N, D]
 
 
 # ---------------------------------------------------------------- many slides

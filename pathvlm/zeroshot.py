@@ -342,22 +342,26 @@ class ZeroShotClassifier:
         emb = torch.nn.functional.normalize(emb, dim=-1)
         return (self.logit_scale * emb @ self.class_embeddings.T).numpy().astype(np.float64)
 
-    def embed_images(self, images: Sequence[Any], desc: str = "zero-shot") -> torch.Tensor:
-        """PIL images or paths -> [N, D] image embeddings, batched."""
-        from tqdm.auto import tqdm
+    def embed_images(
+        self, images: Sequence[Any], desc: str = "zero-shot", tiled: bool = True
+    ) -> torch.Tensor:
+        """PIL images or paths -> [N, D] unit image embeddings, batched.
+
+        ``tiled``: an image larger than the encoder's input is cut into native-scale tiles whose
+        embeddings are averaged (`pathvlm.embed.pooled_image_embeddings`), as chat sees images;
+        False embeds each image whole (slide tiles, already cut at the tile scale).
+        """
+        from pathvlm.embed import pooled_image_embeddings
+        from pathvlm.encoders import input_size
 
         show = self.progress if self.progress is not None else len(images) > self.batch_size
-        out = []
-        device = self._device()
-        for start in tqdm(range(0, len(images), self.batch_size), desc=desc, disable=not show):
-            batch = [
-                self.transform(_open_image(im)) for im in images[start : start + self.batch_size]
-            ]
-            with torch.inference_mode():
-                out.append(self.encoder.encode_image(torch.stack(batch).to(device)).float().cpu())
-        if not out:
+        emb = pooled_image_embeddings(
+            images, self.encoder, self.transform, input_size(self.encoder) if tiled else None,
+            self.batch_size, self._device(), show, desc, load=_open_image,
+        )
+        if emb.numel() == 0:
             return torch.zeros(0, int(self.class_embeddings.shape[1]))
-        return torch.cat(out)  # [N, D]
+        return emb  # [N, D]
 
     def predict(self, inputs: Any) -> ZeroShotResult:
         """Score PIL images, image paths, folders, Slides and feature files; one row per input."""
@@ -434,7 +438,7 @@ class ZeroShotClassifier:
         if n == 0:
             raise SlideError(slide.path, "no tissue tiles found for zero-shot classification")
         tiles = _LazyTiles(slide, grid, read_tile)
-        emb = self.embed_images(tiles, desc=f"zero-shot {slide.name}")
+        emb = self.embed_images(tiles, desc=f"zero-shot {slide.name}", tiled=False)
         return SlideZeroShot(
             slide.name,
             self.classes,

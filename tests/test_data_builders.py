@@ -198,3 +198,22 @@ def test_real_lymphoma_index_stays_specimen_disjoint(shared_data, tmp_path):
     split_of = {}
     for rec in _all_records(tmp_path / "out", "pairs"):
         assert split_of.setdefault(rec["specimen"], rec["split"]) == rec["split"]
+
+
+def test_each_image_gets_a_description_and_a_named_caption(tmp_path):
+    index = _index(tmp_path / "imgs", specimens=2, per_specimen=2)
+    classes = load_class_set(LYMPHOMA_YAML)
+    build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML), val_fraction=0.5))
+    by_image = collections.defaultdict(list)
+    for rec in _all_records(tmp_path / "out", "pairs"):
+        by_image[rec["image"]].append(rec)
+    assert len(by_image) == 12
+    for recs in by_image.values():
+        label = recs[0]["label"]
+        assert [r["label"] for r in recs] == [label, label]
+        description, named = (r["text"] for r in recs)
+        assert description in classes.get(label).captions
+        assert named in classes.prompts(label)  # a class template with the name or a synonym
+    build_datasets(index, tmp_path / "plain", BuildConfig(classes=str(LYMPHOMA_YAML), val_fraction=0.5,
+                                                          named_captions=0))
+    assert all(r["text"] in classes.get(r["label"]).captions for r in _all_records(tmp_path / "plain", "pairs"))

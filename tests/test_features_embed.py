@@ -305,3 +305,28 @@ def test_unknown_tissue_setting_is_a_config_error(tmp_path, tiny):
             EmbedConfig(**{**FAST, "tissue": {"nope": 1}}),
             encoder_and_transform=tiny,
         )
+
+
+def test_pooled_image_embeddings_average_the_native_tiles(ihc_png, tiny):
+    from PIL import Image
+
+    from pathvlm.embed import pooled_image_embeddings
+
+    encoder, transform = tiny
+    big = Image.open(ihc_png).convert("RGB").crop((0, 0, 300, 200))
+    small = big.resize((50, 40))
+    emb = pooled_image_embeddings([big, small, big], encoder, transform, size=128, batch_size=3)
+    assert emb.shape == (3, encoder.embed_dim)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # the big image is the normalised mean of its unit tile embeddings, as embed_image cuts them
+    tiles = torch.nn.functional.normalize(embed_image(big, encoder, transform, size=128).features, dim=-1)
+    assert tiles.shape[0] == 6  # 3 x 2 tiles of 128 px at native scale
+    expected = torch.nn.functional.normalize(tiles.mean(0), dim=-1)
+    assert torch.allclose(emb[0], expected, atol=1e-5) and torch.allclose(emb[2], expected, atol=1e-5)
+    # an image no larger than a tile is embedded whole; size=None embeds every image whole
+    with torch.inference_mode():
+        whole = torch.nn.functional.normalize(encoder.encode_image(transform(small)[None]), dim=-1)[0]
+        whole_big = torch.nn.functional.normalize(encoder.encode_image(transform(big)[None]), dim=-1)[0]
+    assert torch.allclose(emb[1], whole, atol=1e-5)
+    untiled = pooled_image_embeddings([big], encoder, transform, size=None)
+    assert torch.allclose(untiled[0], whole_big, atol=1e-5)

@@ -155,3 +155,49 @@ def test_clip_runs_on_real_crc_tiles(shared_data, tmp_path):
     with (run / "metrics.csv").open() as fh:
         final = [r for r in csv.DictReader(fh) if r.get("val/zeroshot_acc")]
     assert len(final) == 1 and 0.0 <= float(final[0]["val/zeroshot_acc"]) <= 1.0
+
+
+def test_unicl_loss_is_clip_for_distinct_groups_and_pools_same_label_positives():
+    import open_clip
+
+    from pathvlm.train.clip_task import UniClLoss
+
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    clip = open_clip.ClipLoss()(img, txt, scale)
+    assert torch.allclose(UniClLoss()(img, txt, scale, torch.arange(6)), clip, atol=1e-6)
+    # two images of one label: which of the label's captions is "theirs" does not matter under
+    # unicl (both are positives of both), while the CLIP loss changes
+    groups = torch.tensor([0, 0, 1, 2, 3, 4])
+    txt_diff = txt.clone()  # two different captions of one label: unicl treats them alike too
+    loss = UniClLoss()(img, txt_diff, scale, groups)
+    assert torch.allclose(loss, UniClLoss()(img, txt_diff[[1, 0, 2, 3, 4, 5]], scale, groups), atol=1e-6)
+    clip_loss = open_clip.ClipLoss()
+    assert not torch.allclose(clip_loss(img, txt_diff, scale),
+                              clip_loss(img, txt_diff[[1, 0, 2, 3, 4, 5]], scale), atol=1e-3)
+
+
+def test_native_crops_keep_the_tile_scale():
+    from pathvlm.train.augment import TrainTransform
+    from pathvlm.train.config import AugmentConfig
+
+    cfg = AugmentConfig(crop="native", native_min=1.0, native_max=1.0, flip=False, rot90=False,
+                        stain_jitter=0.0, stain_bias=0.0, brightness=0.0)
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    transform = TrainTransform(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), cfg)
+    crop = transform._crop(big, np.random.default_rng(1))
+    assert crop.size == (32, 32)
+    # a 32 px crop of native pixels, not the downscaled field: it is found verbatim in the image
+    arr, patch = np.asarray(big), np.asarray(crop)
+    hits = [(y, x) for y in range(300 - 31) for x in range(400 - 31)
+            if (arr[y, x] == patch[0, 0]).all() and (arr[y:y + 32, x:x + 32] == patch).all()]
+    assert len(hits) == 1
+    area = TrainTransform(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), AugmentConfig(scale_min=1.0))
+    assert np.asarray(area._crop(big, np.random.default_rng(1))).shape == (32, 32, 3)
+    # a crop never exceeds a small image: the whole tile is used
+    small = Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    wide = TrainTransform(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), AugmentConfig(crop="native", native_min=2.0, native_max=2.0))
+    assert wide._crop(small, np.random.default_rng(1)).size == (32, 32)

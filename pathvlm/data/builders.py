@@ -37,6 +37,10 @@ class BuildConfig:
     val_fraction: float = 0.2  # only used when the index has no split column
     seed: int = 0
     captions_per_image: int = 1
+    # extra pairs per image whose text is a class template with the class name or a synonym
+    # ("an H&E image of follicular lymphoma."): descriptions alone never name the class, and
+    # zero-shot prompts do, so these pairs tie the names to the images
+    named_captions: int = 1
     tasks: tuple[str, ...] = TASKS
     mc_options: int = 4
     # regex whose first match in the specimen id names the case: specimens of one case share a split
@@ -205,8 +209,10 @@ def build_datasets(source: str | Path, out_dir: str | Path, cfg: BuildConfig) ->
     for i, row in enumerate(rows):
         info = classes.get(row.label)
         n_caps = min(cfg.captions_per_image, len(info.captions))
-        for caption in rng.sample(info.captions, n_caps):
-            pairs[row.split].append({"image": row.image, "text": caption, "label": row.label, "split": row.split,
+        named = classes.prompts(row.label)  # every template x name and synonyms
+        texts = rng.sample(info.captions, n_caps) + rng.sample(named, min(cfg.named_captions, len(named)))
+        for text in texts:
+            pairs[row.split].append({"image": row.image, "text": text, "label": row.label, "split": row.split,
                                      **({"specimen": row.specimen} if row.specimen else {})})
         if cfg.tasks:
             chats[row.split].extend(_instructions(row, info, classes, cfg, rng, yes=i in yes_for))

@@ -6,6 +6,7 @@ from pathvlm.encoders.registry import (
     build_transform,
     create_encoder,
     get_encoder_entry,
+    input_size,
     list_encoders,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "build_transform",
     "create_encoder",
     "get_encoder_entry",
+    "input_size",
     "list_encoders",
 ]

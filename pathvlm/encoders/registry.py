@@ -201,6 +201,12 @@ def build_transform(encoder: Any) -> Transform:
     return transform if reference is None else Compose([StainNormalizer(reference), transform])
 
 
+def input_size(encoder: Any) -> int:
+    """The side in pixels of the square input an encoder was built for (its preprocessing size)."""
+    size = (getattr(encoder, "preprocess_cfg", None) or {}).get("size", 224)
+    return int(size if isinstance(size, int) else size[0])
+
+
 def _default_preprocess(model_cfg: dict[str, Any]) -> dict[str, Any]:
     size = model_cfg["vision_cfg"].get("image_size", 224)
     return {"size": size if isinstance(size, int) else list(size)}

@@ -141,18 +141,13 @@ def embed_dataset(
     batch_size: int = 64,
     progress: bool | None = None,
 ) -> np.ndarray:
-    """[N, D] frozen image embeddings (not normalised) of every image."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from pathvlm.encoders import build_transform
+    """[N, D] unit image embeddings of every image (native-scale tiles averaged, as in chat)."""
+    from pathvlm.embed import pooled_image_embeddings
+    from pathvlm.encoders import build_transform, input_size
 
     transform = transform or getattr(encoder, "transform", None) or build_transform(encoder)
     device = next(encoder.parameters()).device
     show = progress if progress is not None else len(images) > batch_size
-    out = []
-    for start in tqdm(range(0, len(images), batch_size), desc="embedding", disable=not show):
-        batch = torch.stack([transform(im) for im in images[start : start + batch_size]])
-        with torch.inference_mode():
-            out.append(encoder.encode_image(batch.to(device)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+    emb = pooled_image_embeddings(images, encoder, transform, input_size(encoder), batch_size,
+                                  device, show)
+    return emb.numpy() if emb.numel() else np.zeros((0, 0), dtype=np.float32)

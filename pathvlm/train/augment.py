@@ -33,8 +33,11 @@ class TrainTransform:
 
     def _crop(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
         w, h = image.size
-        area = rng.uniform(self.cfg.scale_min, 1.0) * w * h
-        side = round(min(w, h, np.sqrt(area)))  # square crops: tiles have no preferred aspect
+        if self.cfg.crop == "native":  # tile scale: size source pixels, jittered
+            side = self.size * rng.uniform(self.cfg.native_min, self.cfg.native_max)
+        else:  # a share of the whole field
+            side = np.sqrt(rng.uniform(self.cfg.scale_min, 1.0) * w * h)
+        side = max(1, round(min(w, h, side)))  # square crops: tiles have no preferred aspect
         x = int(rng.integers(0, w - side + 1))
         y = int(rng.integers(0, h - side + 1))
         return image.resize((self.size, self.size), Image.BICUBIC, box=(x, y, x + side, y + side))

@@ -45,17 +45,56 @@ class PairDataset(Dataset):
     def __init__(self, records: list[dict[str, Any]], transform: TrainTransform,
                  stain: Callable[[Image.Image], Image.Image] | None = None):
         self.records, self.transform, self.stain = records, transform, stain
+        # what makes two pairs positives of each other under the unicl loss: the label, else the
+        # caption; ids from the sorted set, so every process and loader worker agrees
+        keys = [f"label:{r['label']}" if r.get("label") is not None else f"text:{r['text']}"
+                for r in records]
+        ids = {k: i for i, k in enumerate(sorted(set(keys)))}
+        self.groups = [ids[k] for k in keys]
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str, int]:
         index, seed = key
         rec = self.records[index]
         image = _open_rgb(rec["image"])
         if self.stain is not None:
             image = self.stain(image)
-        return self.transform(image, seed), rec["text"]
+        return self.transform(image, seed), rec["text"], self.groups[index]
+
+
+class UniClLoss(torch.nn.Module):
+    """Image-text contrastive loss with label-aware targets (UniCL, Yang et al. 2022).
+
+    Pairs of one ``group`` (same label) are all positives of each other: each row's target is
+    uniform over them, in both directions (image -> texts, text -> images). With every group
+    distinct this is exactly the CLIP loss. Features are gathered across processes, as in
+    open_clip's ClipLoss with gather_with_grad.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            import torch.distributed as dist
+            from open_clip.loss import gather_features
+
+            image_features, text_features = gather_features(
+                image_features, text_features, gather_with_grad=True, rank=self.rank,
+                world_size=self.world_size)
+            all_groups = [torch.zeros_like(groups) for _ in range(self.world_size)]
+            dist.all_gather(all_groups, groups)
+            groups = torch.cat(all_groups)
+        logits = logit_scale * image_features @ text_features.T  # [B, B]
+        targets = (groups[:, None] == groups[None, :]).float()  # [B, B], symmetric
+        targets = targets / targets.sum(1, keepdim=True)
+        loss_i = -(targets * logits.log_softmax(1)).sum(1).mean()
+        loss_t = -(targets * logits.T.log_softmax(1)).sum(1).mean()
+        return (loss_i + loss_t) / 2
 
 
 def freeze_towers(
@@ -110,8 +149,13 @@ class ClipTask:
             raise ConfigError(f"{cfg.data.train}: the clip stage trains on pixels; every record needs 'image'")
         self._set_stain_reference(cfg)
         state = PartialState()
-        self.loss = open_clip.ClipLoss(local_loss=state.num_processes > 1, gather_with_grad=True,
-                                       rank=state.process_index, world_size=state.num_processes)
+        if cfg.model.loss == "unicl":
+            self.loss = UniClLoss(rank=state.process_index, world_size=state.num_processes)
+        elif cfg.model.loss == "clip":
+            self.loss = open_clip.ClipLoss(local_loss=state.num_processes > 1, gather_with_grad=True,
+                                           rank=state.process_index, world_size=state.num_processes)
+        else:
+            raise ConfigError(f"model.loss: {cfg.model.loss!r} is not one of ['clip', 'unicl']")
         self.val = self._load_val(cfg) if cfg.data.val else None
 
     def _set_stain_reference(self, cfg: ClipStageConfig) -> None:
@@ -153,18 +197,26 @@ class ClipTask:
     def train_dataset(self) -> Dataset:
         return PairDataset(self.records, self.transform, self.stain)
 
-    def collate(self, items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([img for img, _ in items])  # [B, 3, S, S]
-        tokens = self.encoder.tokenizer()([text for _, text in items])  # [B, L]
-        return images, tokens
+    def collate(self, items: list[tuple[torch.Tensor, str, int]]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = torch.stack([img for img, _, _ in items])  # [B, 3, S, S]
+        tokens = self.encoder.tokenizer()([text for _, text, _ in items])  # [B, L]
+        groups = torch.tensor([g for _, _, g in items])  # [B] positive-group ids
+        return images, tokens, groups
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images, tokens = batch
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+        images, tokens, groups = batch
         image_features, text_features, logit_scale = self.model(images, tokens)[:3]
+        if isinstance(self.loss, UniClLoss):
+            return {"contrastive": self.loss(image_features, text_features, logit_scale, groups)}
         return {"contrastive": self.loss(image_features, text_features, logit_scale)}
 
     def evaluate(self) -> dict[str, float]:
         """Zero-shot accuracy and balanced accuracy over the val images."""
+        from pathvlm.embed import pooled_image_embeddings
+        from pathvlm.encoders import input_size
+
         if self.val is None:
             return {}
         classes = self.val["classes"]
@@ -174,14 +226,11 @@ class ClipTask:
             emb = self.encoder.encode_text(classes.prompts(label), normalize=True)  # [P, D]
             class_emb.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
         class_emb = torch.stack(class_emb)  # [C, D]
-        y_true, y_pred = [], []
         items = self.val["images"]
-        for start in range(0, len(items), 64):
-            chunk = items[start:start + 64]
-            x = torch.stack([self.eval_transform(_open_rgb(path)) for path, _ in chunk]).to(device)
-            emb = self.encoder.encode_image(x, normalize=True)  # [B, D]
-            y_pred += (emb @ class_emb.T).argmax(-1).tolist()
-            y_true += [y for _, y in chunk]
+        emb = pooled_image_embeddings([path for path, _ in items], self.encoder, self.eval_transform,
+                                      input_size(self.encoder), device=device, load=_open_rgb)
+        y_pred = (emb.to(class_emb.device) @ class_emb.T).argmax(-1).tolist()  # images tiled as in chat
+        y_true = [y for _, y in items]
         accuracy = sum(int(a == b) for a, b in zip(y_true, y_pred)) / len(y_true)
         return {"zeroshot_acc": accuracy, "zeroshot_bacc": balanced_accuracy(y_true, y_pred)}
 

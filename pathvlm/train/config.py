@@ -44,7 +44,14 @@ class OptimConfig:
 class AugmentConfig:
     """Train-time image augmentation for the clip stage (eval uses the encoder's own transform)."""
 
-    scale_min: float = 0.6  # random resized crop area range [scale_min, 1]
+    # "area": a random square crop of [scale_min, 1] of the image area, resized to the input size
+    # (the whole field, downscaled); "native": a square of input size x U(native_min, native_max)
+    # source pixels (clipped to the image), i.e. the tile scale inference cuts images and slides
+    # at, with scale jitter around it
+    crop: Literal["area", "native"] = "area"
+    scale_min: float = 0.6  # "area" crops
+    native_min: float = 0.67  # "native" crops: side / input size
+    native_max: float = 1.5
     flip: bool = True  # horizontal and vertical
     rot90: bool = True
     stain_jitter: float = 0.05  # HED-space scale jitter (+-); 0 = off
@@ -68,6 +75,11 @@ class ClipModelConfig:
     # "macenko": fit a stain reference on the train images, normalise every image to it (before
     # augmentation) and save it with the encoder; "": keep the reference the encoder carries, if any
     stain_norm: Literal["", "macenko"] = ""
+    # "clip": open_clip's ClipLoss (each image's own caption is its only positive); "unicl":
+    # every caption of the same label (or, without labels, the same text) in the batch is a
+    # positive (Yang et al. 2022, UniCL): with few distinct captions per class, ClipLoss would
+    # push same-class images apart
+    loss: Literal["clip", "unicl"] = "clip"
 
 
 @dataclass
