@@ -146,8 +146,7 @@ def embed_dataset(
     from pathvlm.encoders import build_transform, input_size
 
     transform = transform or getattr(encoder, "transform", None) or build_transform(encoder)
-    device = next(encoder.parameters()).device
     show = progress if progress is not None else len(images) > batch_size
     emb = pooled_image_embeddings(images, encoder, transform, input_size(encoder), batch_size,
-                                  device, show)
+                                  progress=show)
     return emb.numpy() if emb.numel() else np.zeros((0, 0), dtype=np.float32)
