@@ -158,7 +158,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    from pathvlm.data.builders import TASKS
+    from pathvlm.data.builders import TASKS, BuildConfig
 
     p = sub.add_parser("data", help="build and check training data files")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -171,6 +171,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--captions-per-image", type=int, default=1, help="description captions per image")
     b.add_argument("--named-captions", type=int, default=1,
                    help="extra pairs per image whose text names the class (class templates x name/synonyms)")
+    b.add_argument("--closed-per-image", type=int, default=BuildConfig.closed_per_image,
+                   help="yes/no and multiple-choice records per image (fresh option order each)")
     b.add_argument("--case-pattern", default="", help="regex naming the case within a specimen id "
                    "(specimens of one case stay in one split)")
     b.add_argument("--tasks", default=",".join(TASKS), help=f"instruction kinds, comma separated ({','.join(TASKS)})")
@@ -187,7 +189,8 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     tasks = tuple(t for t in args.tasks.split(",") if t)
     cfg = BuildConfig(classes=args.classes, val_fraction=args.val_fraction, seed=args.seed,
                       captions_per_image=args.captions_per_image,
-                      named_captions=args.named_captions, tasks=tasks, case_pattern=args.case_pattern)
+                      named_captions=args.named_captions, closed_per_image=args.closed_per_image,
+                      tasks=tasks, case_pattern=args.case_pattern)
     summary = build_datasets(args.source, args.out, cfg)
     for split, info in summary["splits"].items():
         print(f"{split:10s} images {info['images']:5d}  pairs {info['pairs']:5d}  instructions {info['instructions']:5d}")
@@ -285,7 +288,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     _eval_common(vqa)
     vqa.add_argument("--prompts", help="prompt file: class display names come from its first synonyms")
     vqa.add_argument("--n-orders", type=int, default=3, help="option orders per multiple-choice question")
-    vqa.add_argument("--max-new-tokens", type=int, default=16)
+    vqa.add_argument("--max-new-tokens", type=int, default=40)
     vqa.add_argument("--limit", type=int, help="only the first N images")
     vqa.set_defaults(func=_cmd_eval_vqa)
     _add_eval_report(tasks)

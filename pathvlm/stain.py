@@ -1,8 +1,9 @@
-"""Macenko stain normalisation (Macenko et al., ISBI 2009) in numpy.
+"""Stain handling in numpy: Macenko normalisation (Macenko et al., ISBI 2009) and HED jitter.
 
 Each tile's H&E stain vectors and stain amounts are estimated from its optical densities and the
 tile is re-rendered with a reference's stain vectors and amounts. Tiles with too little tissue or
 a degenerate fit come back unchanged, so normalising never fails and never produces NaN.
+`hed_jitter` is the stain augmentation training uses and the perturbation robustness is measured with.
 """
 
 from __future__ import annotations
@@ -200,3 +201,15 @@ def reference_images(paths: Sequence[str], max_images: int = 64, seed: int = 0) 
         return unique
     picks = np.random.default_rng(seed).choice(len(unique), max_images, replace=False)
     return [unique[i] for i in sorted(picks)]
+
+
+def hed_jitter(rgb: np.ndarray, rng: np.random.Generator, scale: float, bias: float) -> np.ndarray:
+    """HED stain jitter (Tellez et al. 2018): each of the haematoxylin, eosin and DAB optical
+    densities (skimage's `rgb2hed` units) is multiplied by U(1 - scale, 1 + scale) and shifted by
+    U(-bias, bias). [H, W, 3] float RGB in [0, 1] -> the same."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(rgb)
+    alpha = rng.uniform(1 - scale, 1 + scale, size=3)
+    beta = rng.uniform(-bias, bias, size=3)
+    return np.clip(hed2rgb(hed * alpha + beta), 0.0, 1.0)

@@ -21,7 +21,7 @@ from pathvlm.data import (
     read_mil_csv,
     read_pairs,
 )
-from pathvlm.data.questions import mc_question
+from pathvlm.data.questions import mc_question, parse_choice, parse_yesno
 from pathvlm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +62,11 @@ def test_drawn_splits_never_share_a_specimen_and_are_deterministic(tmp_path):
     build_datasets(index, tmp_path / "b", cfg)
     for name in ("pairs_train.jsonl", "pairs_val.jsonl", "instruct_train.jsonl", "instruct_val.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    # the CLIP pairs do not depend on which instructions are built, or how many
+    build_datasets(index, tmp_path / "c", BuildConfig(classes=str(LYMPHOMA_YAML), val_fraction=0.25, seed=3,
+                                                      tasks=("mc",), closed_per_image=5))
+    for name in ("pairs_train.jsonl", "pairs_val.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes(), name
     splits_of = collections.defaultdict(set)
     for rec in _all_records(tmp_path / "a", "pairs"):
         splits_of[rec["specimen"]].add(rec["split"])
@@ -112,43 +117,57 @@ def test_case_pattern_keeps_regions_of_one_case_together(tmp_path):
         build_datasets(given, tmp_path / "bad", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=(), case_pattern=r"^c\d+"))
 
 
-def test_multiple_choice_is_shuffled_and_answer_index_correct(tmp_path):
-    index = _index(tmp_path / "imgs")
-    build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=("mc",)))
+def test_multiple_choice_is_shuffled_named_first_and_repeated_per_image(tmp_path):
+    index = _index(tmp_path / "imgs")  # 36 images
+    build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=("mc",), closed_per_image=3))
     records = _all_records(tmp_path / "out", "instruct")
-    assert len(records) == 36
-    positions, phrasings = collections.Counter(), collections.Counter()
+    assert len(records) == 3 * 36
+    classes = load_class_set(LYMPHOMA_YAML)
+    positions, phrasings, orders = collections.Counter(), collections.Counter(), collections.defaultdict(set)
     for rec in records:
         assert rec["options"][rec["answer_index"]] == rec["label"]
+        assert rec["option_names"] == [classes.get(label).name for label in rec["options"]]
         letter = "ABCD"[rec["answer_index"]]
-        question = rec["messages"][0]["content"]
-        assert rec["messages"][1]["content"].startswith(f"{letter}. ")
+        question, reply = rec["messages"][0]["content"], rec["messages"][1]["content"]
+        # the class name first, then the letter: the reply names the right option
+        assert reply == f"{classes.get(rec['label']).name} ({letter})."
+        assert parse_choice(reply, rec["option_names"]) == rec["answer_index"]
         assert f"\n{letter}. " in question or f" {letter}) " in question
         positions[rec["answer_index"]] += 1
         phrasings[f" {letter}) " in question] += 1
+        orders[rec["image"]].add(tuple(rec["options"]))
     assert len(positions) == 4 and max(positions.values()) < 0.5 * len(records)
+    # the three records of an image mostly differ in their options or order
+    assert sum(len(o) > 1 for o in orders.values()) >= 0.9 * len(orders)
     # both phrasings are trained, one of them the exact template `pathvlm eval vqa` asks in
     assert min(phrasings.values()) >= 0.25 * len(records)
     mc_eval = next(r for r in records if " A) " in r["messages"][0]["content"])
-    names = [load_class_set(LYMPHOMA_YAML).get(label).name for label in mc_eval["options"]]
-    assert mc_eval["messages"][0]["content"].endswith(mc_question(names))
+    assert mc_eval["messages"][0]["content"].endswith(mc_question(mc_eval["option_names"]))
 
 
-def test_yes_no_is_balanced_and_truthful(tmp_path):
+def test_yes_no_is_balanced_truthful_and_names_the_class_first(tmp_path):
     index = _index(tmp_path / "imgs", per_specimen=3)  # 36 images
-    build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=("yesno",)))
-    records = _all_records(tmp_path / "out", "instruct")
-    answers = collections.Counter(r["answer"] for r in records)
-    assert answers["yes"] == answers["no"] == 18
-    for rec in records:
-        assert rec["messages"][1]["content"].lower().startswith(rec["answer"])
+    classes = load_class_set(LYMPHOMA_YAML)
+    for per_image in (1, 2, 3):
+        build_datasets(index, tmp_path / f"out{per_image}",
+                       BuildConfig(classes=str(LYMPHOMA_YAML), tasks=("yesno",), closed_per_image=per_image))
+        records = _all_records(tmp_path / f"out{per_image}", "instruct")
+        answers = collections.Counter(r["answer"] for r in records)
+        assert len(records) == 36 * per_image
+        assert answers["yes"] == answers["no"] == 18 * per_image
+        for rec in records:
+            reply = rec["messages"][1]["content"]
+            assert reply.startswith(f"The image shows {classes.get(rec['label']).name},")
+            assert parse_yesno(reply) is (rec["answer"] == "yes")
 
 
 def test_every_task_passes_the_conversation_reader(tmp_path):
     index = _index(tmp_path / "imgs", specimens=2, per_specimen=1)
     build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML)))
     records = [r for p in sorted((tmp_path / "out").glob("instruct_*.jsonl")) for r in read_conversations(p)]
-    assert collections.Counter(r["task"] for r in records) == {t: 6 for t in ("caption", "open", "yesno", "mc", "report")}
+    counts = collections.Counter(r["task"] for r in records)
+    per_image = BuildConfig.closed_per_image
+    assert counts == {"caption": 6, "open": 6, "report": 6, "yesno": 6 * per_image, "mc": 6 * per_image}
     report = next(r for r in records if r["task"] == "report" and r["label"] == "MCL")
     assert "cyclin D1" in report["messages"][1]["content"]  # entity needs ancillary confirmation
 
@@ -183,6 +202,9 @@ def test_cli_build_check_and_bad_input(tmp_path, capsys):
     assert main(["data", "build", str(index), "--classes", str(LYMPHOMA_YAML), "-o", str(tmp_path / "out")]) == 0
     assert main(["data", "check", "instruct", str(tmp_path / "out" / "instruct_train.jsonl")]) == 0
     assert "valid records" in capsys.readouterr().out
+    assert main(["data", "build", str(index), "--classes", str(LYMPHOMA_YAML), "-o", str(tmp_path / "one"),
+                 "--closed-per-image", "1", "--tasks", "mc"]) == 0
+    assert sum(1 for _ in _all_records(tmp_path / "one", "instruct")) == 12  # one per image
     assert main(["data", "build", str(tmp_path / "missing.csv"), "--classes", str(LYMPHOMA_YAML),
                  "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()

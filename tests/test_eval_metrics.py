@@ -148,6 +148,16 @@ def test_parse_answers():
     assert parse_choice("D", opts) is None
     assert parse_yesno("Yes, it does.") is True and parse_yesno("no") is False
     assert parse_yesno("maybe") is None
+    # the trained answer formats: the name first, the letter or yes/no last
+    assert parse_choice("tumour (C).", opts) == 2
+    assert parse_choice("mucus (A).", opts) == 1  # the name decides over a mismatched letter
+    assert parse_choice("something else (B).", opts) == 1
+    assert parse_choice("something else (D).", opts) is None
+    lymph = ["lymphoma", "follicular lymphoma", "mantle cell lymphoma"]
+    assert parse_choice("follicular lymphoma (B).", lymph) == 1  # not also "lymphoma"
+    assert parse_yesno("The image shows mucus, so the answer is no.") is False
+    assert parse_yesno("The image shows mucus, so the answer is yes.") is True
+    assert parse_yesno("The image shows mucus.") is None
 
 
 class OracleChat:
@@ -170,7 +180,7 @@ class OracleChat:
 
 class AlwaysA:
     def ask(self, image, question, **gen):
-        return "A" if "Answer with the letter" in question else "yes"
+        return "A" if "letter" in question else "yes"
 
 
 def test_vqa_eval_oracle_and_position_biased(tmp_path):
@@ -195,3 +205,17 @@ def test_vqa_eval_oracle_and_position_biased(tmp_path):
     biased = run_vqa_eval(AlwaysA(), tmp_path / "d", VQAConfig(n_orders=2), {"model": "a"})
     assert biased["option_order_consistency"] == 0.0
     assert biased["mc_accuracy"] == 0.5 and biased["yesno_accuracy"] == 0.5
+
+
+def test_training_monitor_reads_closed_answers_like_eval_vqa():
+    from pathvlm.train.vlm_task import closed_correct
+
+    yes = {"answer": "yes"}
+    assert closed_correct("The image shows mucus, so the answer is yes.", yes) is True
+    assert closed_correct("Yes.", yes) is True and closed_correct("No.", yes) is False
+    mc = {"options": ["ADI", "MUC", "TUM"], "option_names": ["adipose tissue", "mucus", "tumour"],
+          "answer_index": 1}
+    assert closed_correct("mucus (B).", mc) is True
+    assert closed_correct("tumour (B).", mc) is False  # the named option counts, not the letter
+    assert closed_correct("B", {"options": ["ADI", "MUC"], "answer_index": 1}) is True  # older records
+    assert closed_correct("anything", {"messages": []}) is None

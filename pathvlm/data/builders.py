@@ -20,7 +20,7 @@ from typing import Any
 
 from pathvlm.data.classes import ClassInfo, ClassSet, load_class_set
 from pathvlm.data.formats import SLIDE_TOKEN, write_jsonl
-from pathvlm.data.questions import mc_question, yesno_question
+from pathvlm.data.questions import LETTERS, mc_answer, mc_question, yesno_answer, yesno_question
 from pathvlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ class BuildConfig:
     named_captions: int = 1
     tasks: tuple[str, ...] = TASKS
     mc_options: int = 4
+    # yes/no and multiple-choice records per image, each with its own option order or candidate:
+    # one per image lets a small LLM score by the prior of a letter or of "yes"
+    closed_per_image: int = 3
     # regex whose first match in the specimen id names the case: specimens of one case share a split
     # (e.g. "^sj-\\d+-\\d+" keeps sj-05-6124-R3 and sj-05-6124-R4 together)
     case_pattern: str = ""
@@ -140,49 +143,55 @@ def _turn(question: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{SLIDE_TOKEN}\n{question}"}, {"role": "assistant", "content": answer}]
 
 
+def _closed(task: str, info: ClassInfo, others: list[ClassInfo], cfg: BuildConfig, rng: random.Random,
+            yes: bool) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """One yes/no or multiple-choice turn about an image of `info`, answered name first."""
+    if task == "yesno":
+        candidate = info if yes or not others else rng.choice(others)
+        question = rng.choice([f"Is this {candidate.name}? Answer yes or no.", yesno_question(candidate.name)])
+        return (_turn(question, yesno_answer(info.name, candidate.name)),
+                {"answer": "yes" if candidate is info else "no"})
+    options = [info] + rng.sample(others, min(len(others), cfg.mc_options - 1))
+    rng.shuffle(options)
+    index = options.index(info)
+    names = [o.name for o in options]
+    listing = "\n".join(f"{LETTERS[i]}. {name}" for i, name in enumerate(names))
+    question = rng.choice([f"Which option best describes this image?\n{listing}\nAnswer with the option and its letter.",
+                           mc_question(names)])
+    return (_turn(question, mc_answer(info.name, index)),
+            {"options": [o.label for o in options], "option_names": names, "answer_index": index})
+
+
 def _instructions(row: IndexRow, info: ClassInfo, classes: ClassSet, cfg: BuildConfig,
                   rng: random.Random, yes: bool) -> list[dict[str, Any]]:
-    """The chat records for one image, one per requested task."""
+    """The chat records for one image: one per open task, `closed_per_image` per closed task."""
     caption = rng.choice(info.captions)
     others = [c for c in classes.classes if c.label != info.label]
     out = []
     for task in cfg.tasks:
-        extra: dict[str, Any] = {}
+        turns: list[tuple[list[dict[str, str]], dict[str, Any]]] = []
         if task == "caption":
-            messages = _turn(rng.choice(["Describe this image.", "Write a caption for this H&E field.",
-                                         "Describe the morphology you see."]), caption)
+            turns.append((_turn(rng.choice(["Describe this image.", "Write a caption for this H&E field.",
+                                            "Describe the morphology you see."]), caption), {}))
         elif task == "open":
             question = rng.choice(["What tissue or entity is shown here?", "What is your interpretation of this field?",
                                    f"Which {classes.subject} category does this image show, and why?"])
-            messages = _turn(question, _answer(info, caption))
-        elif task == "yesno":
-            candidate = info if yes or not others else rng.choice(others)
-            reply = (f"Yes. {caption}" if candidate is info
-                     else f"No. The image shows {info.name}, not {candidate.name}. {caption}")
-            question = rng.choice([f"Is this {candidate.name}? Answer yes or no.",
-                                   yesno_question(candidate.name)])
-            messages = _turn(question, reply)
-            extra = {"answer": "yes" if candidate is info else "no"}
-        elif task == "mc":
-            options = [info] + rng.sample(others, min(len(others), cfg.mc_options - 1))
-            rng.shuffle(options)
-            index = options.index(info)
-            letters = "ABCDEFGHIJ"
-            listing = "\n".join(f"{letters[i]}. {o.name}" for i, o in enumerate(options))
-            question = rng.choice([f"Which option best describes this image?\n{listing}\nAnswer with the letter.",
-                                   mc_question([o.name for o in options])])
-            messages = _turn(question, f"{letters[index]}. {info.name}")
-            extra = {"options": [o.label for o in options], "answer_index": index}
+            turns.append((_turn(question, _answer(info, caption)), {}))
+        elif task in ("yesno", "mc"):
+            # fresh option orders and candidates each time; yes and no alternate per image
+            turns += [_closed(task, info, others, cfg, rng, yes=yes != bool(k % 2))
+                      for k in range(cfg.closed_per_image)]
         elif task == "report":
             impression = f"Impression: consistent with {info.name}."
             if info.confirm:
                 impression += f" Recommend confirmation with {info.confirm}."
-            messages = _turn(f"Draft the microscopic description and impression for this {classes.subject} image.",
-                             f"Microscopic description: {caption}\n{impression}")
+            turns.append((_turn(f"Draft the microscopic description and impression for this {classes.subject} image.",
+                                f"Microscopic description: {caption}\n{impression}"), {}))
         else:
             raise ConfigError(f"unknown instruction task {task!r} (choose from {', '.join(TASKS)})")
-        out.append({"image": row.image, "messages": messages, "task": task, "label": info.label,
-                    "split": row.split, **({"specimen": row.specimen} if row.specimen else {}), **extra})
+        out += [{"image": row.image, "messages": messages, "task": task, "label": info.label,
+                 "split": row.split, **({"specimen": row.specimen} if row.specimen else {}), **extra}
+                for messages, extra in turns]
     return out
 
 
@@ -199,10 +208,11 @@ def build_datasets(source: str | Path, out_dir: str | Path, cfg: BuildConfig) ->
     unknown = sorted({r.label for r in rows} - set(classes.labels))
     if unknown:
         raise ConfigError(f"{cfg.classes}: no description for label(s) {', '.join(unknown)} found in {source}")
-    rng = random.Random(cfg.seed)
+    # two streams: the pairs do not change when instruction tasks or their counts do
+    rng, chat_rng = random.Random(cfg.seed), random.Random(f"instructions-{cfg.seed}")
     # balanced yes/no: exactly half the images (rounded) get the true class as the candidate
     order = list(range(len(rows)))
-    rng.shuffle(order)
+    chat_rng.shuffle(order)
     yes_for = {i for rank, i in enumerate(order) if rank % 2 == 0}
     pairs: dict[str, list] = defaultdict(list)
     chats: dict[str, list] = defaultdict(list)
@@ -215,7 +225,7 @@ def build_datasets(source: str | Path, out_dir: str | Path, cfg: BuildConfig) ->
             pairs[row.split].append({"image": row.image, "text": text, "label": row.label, "split": row.split,
                                      **({"specimen": row.specimen} if row.specimen else {})})
         if cfg.tasks:
-            chats[row.split].extend(_instructions(row, info, classes, cfg, rng, yes=i in yes_for))
+            chats[row.split].extend(_instructions(row, info, classes, cfg, chat_rng, yes=i in yes_for))
     out_dir = Path(out_dir)
     summary: dict[str, Any] = {"source": str(Path(source).resolve()), "classes": str(Path(cfg.classes).resolve()),
                                "seed": cfg.seed, "splits": {}}

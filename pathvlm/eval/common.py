@@ -82,7 +82,7 @@ class Perturbation:
         if self.scale != 1.0:
             image = rescale_keep_size(image, self.scale)
         if self.stain_sigma > 0:
-            image = hed_jitter(image, self.stain_sigma, np.random.default_rng([self.seed, index]))
+            image = _stain_jittered(image, self.stain_sigma, np.random.default_rng([self.seed, index]))
         return image
 
 
@@ -102,15 +102,13 @@ def rescale_keep_size(image, factor: float):
     return Image.fromarray(np.pad(arr, pad, mode=mode))
 
 
-def hed_jitter(image, sigma: float, rng: np.random.Generator):
+def _stain_jittered(image, sigma: float, rng: np.random.Generator):
     from PIL import Image
-    from skimage.color import hed2rgb, rgb2hed
 
-    hed = rgb2hed(np.asarray(image.convert("RGB")))
-    alpha = rng.uniform(1 - sigma, 1 + sigma, size=3)
-    beta = rng.uniform(-sigma, sigma, size=3)
-    rgb = hed2rgb(hed * alpha + beta)
-    return Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8))
+    from pathvlm.stain import hed_jitter
+
+    rgb = hed_jitter(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0, rng, sigma, sigma)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
 
 class ImageSequence:

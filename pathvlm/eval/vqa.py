@@ -9,15 +9,13 @@ letter) is the same in every order.
 from __future__ import annotations
 
 import logging
-import re
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from pathvlm.data.questions import mc_question, yesno_question
+from pathvlm.data.questions import mc_question, parse_choice, parse_yesno, yesno_question
 from pathvlm.errors import ConfigError
 from pathvlm.eval.common import ImageSequence, Perturbation
 from pathvlm.eval.datasets import load_dataset, match_classes
@@ -38,33 +36,12 @@ class VQAConfig:
     prompts: str | None = None  # prompt file: the first synonym of a class is its display name
     split: str | None = None
     n_orders: int = 3  # option orders per multiple-choice question
-    max_new_tokens: int = 16
+    max_new_tokens: int = 40  # answers name the class before the letter or yes/no
     seed: int = 0
     limit: int | None = None  # first N images only (quick runs)
     resize_mpp_factor: float = 1.0
     stain_jitter: float = 0.0
     decoding: dict[str, Any] = field(default_factory=dict)  # extra generation kwargs
-
-
-def parse_choice(answer: str, options: list[str]) -> int | None:
-    """Index of the chosen option: a leading letter (``B``, ``(B)``, ``B)``), else a unique name."""
-    text = answer.strip()
-    m = re.match(r"^\W*(?:answer\W*)?\(?([A-Za-z])\)?(?:$|[\s.):,])", text, flags=re.IGNORECASE)
-    # a lone lowercase "a" starting a sentence is an article, not option A
-    if (
-        m
-        and m.group(1).upper() in string.ascii_uppercase[: len(options)]
-        and (len(text) <= 3 or m.group(1).isupper())
-    ):
-        return string.ascii_uppercase.index(m.group(1).upper())
-    low = text.lower()
-    hits = [i for i, opt in enumerate(options) if opt.lower() in low]
-    return hits[0] if len(hits) == 1 else None
-
-
-def parse_yesno(answer: str) -> bool | None:
-    m = re.match(r"^\W*(yes|no)\b", answer.strip().lower())
-    return None if m is None else m.group(1) == "yes"
 
 
 def run_vqa_eval(

@@ -10,17 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pathvlm.stain import hed_jitter
 from pathvlm.train.config import AugmentConfig
-
-
-def stain_jitter(image: np.ndarray, rng: np.random.Generator, scale: float, bias: float) -> np.ndarray:
-    """[H, W, 3] float RGB in [0, 1] -> the same with each HED channel scaled and shifted at random."""
-    from skimage.color import hed2rgb, rgb2hed
-
-    hed = rgb2hed(image)  # [H, W, 3] optical densities
-    alpha = rng.uniform(1 - scale, 1 + scale, size=3)
-    beta = rng.uniform(-bias, bias, size=3)
-    return np.clip(hed2rgb(hed * alpha + beta), 0.0, 1.0)
 
 
 class TrainTransform:
@@ -53,7 +44,7 @@ class TrainTransform:
         if self.cfg.rot90:
             arr = np.rot90(arr, k=int(rng.integers(0, 4)))
         if self.cfg.stain_jitter > 0 or self.cfg.stain_bias > 0:
-            arr = stain_jitter(arr, rng, self.cfg.stain_jitter, self.cfg.stain_bias)
+            arr = hed_jitter(arr, rng, self.cfg.stain_jitter, self.cfg.stain_bias)
         if self.cfg.brightness > 0:
             arr = np.clip(arr * rng.uniform(1 - self.cfg.brightness, 1 + self.cfg.brightness), 0.0, 1.0)
         tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)  # [3, H, W]

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pathvlm.data.formats import INPUT_KEYS
+from pathvlm.data.questions import parse_choice, parse_yesno
 from pathvlm.errors import ConfigError, ModelError
 from pathvlm.model.processor import SlideSlot, build_messages, render, render_conversation
 
@@ -104,18 +105,15 @@ def collate_chats(items: list, pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def closed_answer(rec: dict[str, Any]) -> str | None:
-    """The expected short answer of a closed question: "yes"/"no", or an option letter."""
+def closed_correct(reply: str, rec: dict[str, Any]) -> bool | None:
+    """Whether `reply` answers the closed question of `rec` right, read by the parsers
+    `pathvlm eval vqa` uses; None when `rec` holds no closed question."""
     if rec.get("answer") in ("yes", "no"):
-        return rec["answer"]
+        return parse_yesno(reply) is (rec["answer"] == "yes")
     if isinstance(rec.get("answer_index"), int):
-        return "ABCDEFGHIJ"[rec["answer_index"]]
+        options = rec.get("option_names") or rec.get("options") or []
+        return parse_choice(reply, list(options)) == rec["answer_index"]
     return None
-
-
-def is_correct(reply: str, expected: str) -> bool:
-    words = reply.strip().replace(".", " ").replace(",", " ").replace(":", " ").split()
-    return bool(words) and words[0].lower() == expected.lower()
 
 
 class VlmTask:
@@ -128,8 +126,11 @@ class VlmTask:
         self.feats = embed_inputs_once(vlm, paths)
         self.train_set = ChatDataset(self._render_all(records, "train"), self.feats, cfg.data.max_patches)
         self.val_samples = self._render_all(val_records[: cfg.data.max_val or None], "val")
-        self.closed = [(input_path(r), r["messages"][0]["content"], closed_answer(r)) for r in val_records
-                       if "messages" in r and closed_answer(r)][: cfg.data.max_closed]
+        closed = [(input_path(r), r["messages"][0]["content"], r) for r in val_records
+                  if "messages" in r and closed_correct("", r) is not None]
+        # spread over the val file (it is ordered by class), not its first few images
+        every = max(1, len(closed) // cfg.data.max_closed) if cfg.data.max_closed else 1
+        self.closed = closed[::every][: cfg.data.max_closed]
         pad = vlm.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else vlm.tokenizer.eos_token_id)
 
@@ -230,9 +231,9 @@ def evaluate_vlm(vlm: Any, samples: list, feats: dict[str, torch.Tensor], closed
         results["loss"] = total / max(count, 1)
     if closed:
         right = 0
-        for path, question, expected in closed:
-            reply = generate_reply(vlm, feats[path].to(device), question, k, max_new_tokens=6)
-            right += is_correct(reply, expected)
+        for path, question, rec in closed:
+            reply = generate_reply(vlm, feats[path].to(device), question, k, max_new_tokens=40)
+            right += bool(closed_correct(reply, rec))
         results["closed_acc"] = right / len(closed)
     return results
 
