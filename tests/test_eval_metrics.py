@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pathvlm.data.questions import letter_agrees
 from pathvlm.errors import ConfigError
 from pathvlm.eval.common import Perturbation
 from pathvlm.eval.datasets import load_csv, load_dataset, load_image_folder, match_classes
@@ -158,6 +159,8 @@ def test_parse_answers():
     assert parse_yesno("The image shows mucus, so the answer is no.") is False
     assert parse_yesno("The image shows mucus, so the answer is yes.") is True
     assert parse_yesno("The image shows mucus.") is None
+    assert letter_agrees("mucus (B).", opts) is True and letter_agrees("mucus (C).", opts) is False
+    assert letter_agrees("B", opts) is None and letter_agrees("something else (B).", opts) is None
 
 
 class OracleChat:
@@ -197,6 +200,7 @@ def test_vqa_eval_oracle_and_position_biased(tmp_path):
         json_path=tmp_path / "out" / "vqa.json",
     )
     assert res["accuracy"] == 1.0 and res["option_order_consistency"] == 1.0
+    assert np.isnan(res["mc_letter_matches_name"])  # letters only: nothing named to compare
     assert all(g["do_sample"] is False for g in oracle.calls)
     assert res["n_questions"] == 4 * (2 + 2)
     assert (tmp_path / "out" / "vqa.md").is_file() and (

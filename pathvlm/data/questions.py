@@ -66,6 +66,16 @@ def parse_choice(answer: str, options: list[str]) -> int | None:
     return None
 
 
+def letter_agrees(answer: str, options: list[str]) -> bool | None:
+    """Whether the letter an answer writes after a name (``mucus (B).``) is that option's letter;
+    None when the answer does not both name one option and write a letter."""
+    named = parse_choice(answer, options)
+    m = re.search(r"\(([A-Z])\)\W*$", answer.strip())
+    if named is None or m is None or not any(opt.lower() in answer.lower() for opt in options):
+        return None
+    return LETTERS.index(m.group(1)) == named
+
+
 def parse_yesno(answer: str) -> bool | None:
     """True/False from a leading yes/no, or from a closing ``the answer is yes/no``."""
     low = answer.strip().lower()

@@ -50,6 +50,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "ece",
         "option_order_consistency",
         "mc_accuracy",
+        "mc_letter_matches_name",
         "yesno_accuracy",
     ):
         if key in result:

@@ -3,7 +3,9 @@
 Each image gets one multiple-choice question shown in several option orders (cyclic shifts of
 the class list) and two yes/no questions (its own class: yes; another class: no). Accuracy is
 over all questions; option-order consistency is the share of images whose chosen class (not
-letter) is the same in every order.
+letter) is the same in every order. Answers are read by `pathvlm.data.questions`' parsers: the
+option an answer names counts; `mc_letter_matches_name` says how often the letter written after
+that name is the named option's (a model can name the right class and write the wrong letter).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pathvlm.data.questions import mc_question, parse_choice, parse_yesno, yesno_question
+from pathvlm.data.questions import (
+    letter_agrees,
+    mc_question,
+    parse_choice,
+    parse_yesno,
+    yesno_question,
+)
 from pathvlm.errors import ConfigError
 from pathvlm.eval.common import ImageSequence, Perturbation
 from pathvlm.eval.datasets import load_dataset, match_classes
@@ -74,7 +82,7 @@ def run_vqa_eval(
     images = ImageSequence(
         data.paths, Perturbation(cfg.resize_mpp_factor, cfg.stain_jitter, cfg.seed)
     )
-    records, mc_correct, yn_correct, consistent = [], [], [], []
+    records, mc_correct, yn_correct, consistent, letters = [], [], [], [], []
     n_orders = max(1, min(cfg.n_orders, len(labels)))
     for i, label in enumerate(data.labels):
         image = images[i]
@@ -86,6 +94,9 @@ def run_vqa_eval(
             pick = parse_choice(answer, options)
             chosen.append(None if pick is None else order[pick])
             mc_correct.append(chosen[-1] == label)
+            agrees = letter_agrees(answer, options)
+            if agrees is not None:
+                letters.append(agrees)
             records.append(
                 {
                     "path": str(data.paths[i]),
@@ -123,6 +134,8 @@ def run_vqa_eval(
         "mc_accuracy": float(np.mean(mc_correct)),
         "yesno_accuracy": float(np.mean(yn_correct)),
         "option_order_consistency": float(np.mean(consistent)),
+        # answers that name an option and write a letter: share whose letter is that option's
+        "mc_letter_matches_name": float(np.mean(letters)) if letters else float("nan"),
         "n_questions": len(all_correct),
         "n_orders": n_orders,
         "decoding": gen,
