@@ -173,6 +173,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                    help="extra pairs per image whose text names the class (class templates x name/synonyms)")
     b.add_argument("--closed-per-image", type=int, default=BuildConfig.closed_per_image,
                    help="yes/no and multiple-choice records per image (fresh option order each)")
+    b.add_argument("--mc-options", type=int, default=BuildConfig.mc_options,
+                   help="options per multiple-choice question (0: 2 to all classes at random)")
     b.add_argument("--case-pattern", default="", help="regex naming the case within a specimen id "
                    "(specimens of one case stay in one split)")
     b.add_argument("--tasks", default=",".join(TASKS), help=f"instruction kinds, comma separated ({','.join(TASKS)})")
@@ -190,6 +192,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     cfg = BuildConfig(classes=args.classes, val_fraction=args.val_fraction, seed=args.seed,
                       captions_per_image=args.captions_per_image,
                       named_captions=args.named_captions, closed_per_image=args.closed_per_image,
+                      mc_options=args.mc_options,
                       tasks=tasks, case_pattern=args.case_pattern)
     summary = build_datasets(args.source, args.out, cfg)
     for split, info in summary["splits"].items():

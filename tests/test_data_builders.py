@@ -239,3 +239,14 @@ def test_each_image_gets_a_description_and_a_named_caption(tmp_path):
     build_datasets(index, tmp_path / "plain", BuildConfig(classes=str(LYMPHOMA_YAML), val_fraction=0.5,
                                                           named_captions=0))
     assert all(r["text"] in classes.get(r["label"]).captions for r in _all_records(tmp_path / "plain", "pairs"))
+
+
+def test_multiple_choice_sizes_vary_from_two_to_all_classes(tmp_path):
+    index = _index(tmp_path / "imgs")
+    n_classes = len(load_class_set(LYMPHOMA_YAML).classes)
+    build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=("mc",), mc_options=0))
+    records = _all_records(tmp_path / "out", "instruct")
+    sizes = collections.Counter(len(r["options"]) for r in records)
+    assert set(sizes) == set(range(2, n_classes + 1))
+    for rec in records:
+        assert rec["options"][rec["answer_index"]] == rec["label"] and len(set(rec["options"])) == len(rec["options"])

@@ -42,6 +42,8 @@ class BuildConfig:
     # zero-shot prompts do, so these pairs tie the names to the images
     named_captions: int = 1
     tasks: tuple[str, ...] = TASKS
+    # options per multiple-choice question; 0: a random number from 2 to all classes each time, so
+    # every question size (and letter) the model may be asked is trained
     mc_options: int = 4
     # yes/no and multiple-choice records per image, each with its own option order or candidate:
     # one per image lets a small LLM score by the prior of a letter or of "yes"
@@ -151,7 +153,8 @@ def _closed(task: str, info: ClassInfo, others: list[ClassInfo], cfg: BuildConfi
         question = rng.choice([f"Is this {candidate.name}? Answer yes or no.", yesno_question(candidate.name)])
         return (_turn(question, yesno_answer(info.name, candidate.name)),
                 {"answer": "yes" if candidate is info else "no"})
-    options = [info] + rng.sample(others, min(len(others), cfg.mc_options - 1))
+    n_options = cfg.mc_options or rng.randint(2, len(others) + 1)
+    options = [info] + rng.sample(others, min(len(others), n_options - 1))
     rng.shuffle(options)
     index = options.index(info)
     names = [o.name for o in options]
