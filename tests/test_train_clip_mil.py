@@ -201,3 +201,29 @@ def test_native_crops_keep_the_tile_scale():
     small = Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
     wide = TrainTransform(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), AugmentConfig(crop="native", native_min=2.0, native_max=2.0))
     assert wide._crop(small, np.random.default_rng(1)).size == (32, 32)
+
+
+def test_frozen_minilm_is_run_once_per_caption_and_gives_the_same_loss(pairs_dir, tmp_path):
+    from pathvlm.data import read_pairs
+    from pathvlm.train import load_stage_config
+    from pathvlm.train.clip_task import ClipTask
+
+    args = _clip_args(pairs_dir, tmp_path / "run", "model.encoder=openclip:pathvlm-rn10t-minilm",
+                      "model.lock_text=true", "model.train_text_proj=true", "model.loss=unicl", "data.val=")
+    cfg = load_stage_config("clip", args[4], args[5:])
+    task = ClipTask(cfg)
+    captions = {r["text"] for r in read_pairs(pairs_dir / "pairs_train.jsonl")}
+    assert task.text_cache is not None and set(task.text_cache[0]) == captions
+    items = [task.train_dataset()[(i, 0)] for i in (0, 1, 12, 25)]
+    images, rows, groups = task.collate(items)
+    assert rows.tolist() == [task.text_cache[0][text] for _, text, _ in items]
+    task.model.eval()  # the uncached path below must not draw dropout either
+    cached = task.training_step((images, rows, groups))["contrastive"]
+    tokens = task.encoder.tokenizer()([text for _, text, _ in items])
+    cache, task.text_cache = task.text_cache, None
+    plain = task.training_step((images, tokens, groups))["contrastive"]
+    assert torch.allclose(cached, plain, atol=1e-5)
+    cached.backward()  # the projection still learns through the cache
+    assert task.encoder.model.text.proj.weight.grad.abs().sum() > 0
+    # a trainable text tower is not cached
+    assert ClipTask(load_stage_config("clip", args[4], [*args[5:], "model.lock_text=false"])).text_cache is None

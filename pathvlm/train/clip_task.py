@@ -157,6 +157,35 @@ class ClipTask:
         else:
             raise ConfigError(f"model.loss: {cfg.model.loss!r} is not one of ['clip', 'unicl']")
         self.val = self._load_val(cfg) if cfg.data.val else None
+        self.text_cache = self._cache_frozen_text()
+
+    def _cache_frozen_text(self) -> tuple[dict[str, int], torch.Tensor] | None:
+        """Pooled outputs of a frozen HF text transformer for every distinct caption, or None.
+
+        With the transformer frozen (``lock_text``) only its projection learns, so its output for
+        a caption never changes: running it once per distinct caption instead of once per pair
+        and step removes most of a step's cost (a few hundred distinct captions against ~20 000
+        pairs seen in a run). The features are taken in eval mode: a frozen tower gets no dropout.
+        """
+        text = getattr(self.model, "text", None)
+        proj = getattr(text, "proj", None)
+        if text is None or proj is None or not hasattr(text, "transformer"):
+            return None  # open_clip's built-in text tower: no cache
+        if any(p.requires_grad for name, p in text.named_parameters() if not name.startswith("proj.")):
+            return None
+        captions = sorted({r["text"] for r in self.records})
+        was_training = text.training
+        text.eval()
+        text.proj = torch.nn.Identity()  # open_clip's own forward, pooling included, minus the projection
+        try:
+            with torch.no_grad():
+                pooled = torch.cat([text(self.encoder.tokenizer()(captions[i:i + 64]))
+                                    for i in range(0, len(captions), 64)])  # [T, width]
+        finally:
+            text.proj = proj
+            text.train(was_training)
+        log.info("frozen text tower: cached %d distinct captions", len(captions))
+        return {c: i for i, c in enumerate(captions)}, pooled
 
     def _set_stain_reference(self, cfg: ClipStageConfig) -> None:
         """Fit (``macenko``) or keep (``""``) the encoder's stain reference; rebuild eval transform."""
@@ -200,14 +229,24 @@ class ClipTask:
     def collate(self, items: list[tuple[torch.Tensor, str, int]]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = torch.stack([img for img, _, _ in items])  # [B, 3, S, S]
-        tokens = self.encoder.tokenizer()([text for _, text, _ in items])  # [B, L]
+        texts = [text for _, text, _ in items]
+        if self.text_cache is not None:  # [B] rows of the cached pooled captions
+            text = torch.tensor([self.text_cache[0][t] for t in texts])
+        else:
+            text = self.encoder.tokenizer()(texts)  # [B, L] tokens
         groups = torch.tensor([g for _, _, g in items])  # [B] positive-group ids
-        return images, tokens, groups
+        return images, text, groups
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
                       ) -> dict[str, torch.Tensor]:
-        images, tokens, groups = batch
-        image_features, text_features, logit_scale = self.model(images, tokens)[:3]
+        images, text, groups = batch
+        if self.text_cache is not None:
+            image_features, _, logit_scale = self.model(images, None)[:3]
+            proj = self.encoder.model.text.proj  # the unwrapped module: its weights are the trained ones
+            pooled = self.text_cache[1].to(image_features.device)[text.to(image_features.device)]
+            text_features = torch.nn.functional.normalize(proj(pooled), dim=-1)  # [B, D]
+        else:
+            image_features, text_features, logit_scale = self.model(images, text)[:3]
         if isinstance(self.loss, UniClLoss):
             return {"contrastive": self.loss(image_features, text_features, logit_scale, groups)}
         return {"contrastive": self.loss(image_features, text_features, logit_scale)}
