@@ -250,3 +250,27 @@ def test_multiple_choice_sizes_vary_from_two_to_all_classes(tmp_path):
     assert set(sizes) == set(range(2, n_classes + 1))
     for rec in records:
         assert rec["options"][rec["answer_index"]] == rec["label"] and len(set(rec["options"])) == len(rec["options"])
+
+
+def test_cross_validation_folds_are_stratified_case_disjoint_and_seeded(tmp_path):
+    from pathvlm.data.builders import IndexRow, assign_folds, read_index
+
+    rows = read_index(_index(tmp_path / "imgs", specimens=5))
+    folds = assign_folds(rows, 3, seed=1)
+    by_case = collections.defaultdict(set)
+    for row, fold in zip(rows, folds):
+        by_case[row.specimen].add(fold)
+    assert all(len(f) == 1 for f in by_case.values())  # a specimen never spans two folds
+    for label in ("CLL", "FL", "MCL"):  # 5 specimens per label over 3 folds: 2, 2, 1
+        per_fold = collections.Counter(next(iter(by_case[s])) for s in by_case if s.startswith(label))
+        assert sorted(per_fold.values()) == [1, 2, 2]
+    assert sorted(collections.Counter(folds).values()) == [15, 15, 15]  # the singles do not pile up
+    assert folds == assign_folds(rows, 3, seed=1) and folds != assign_folds(rows, 3, seed=2)
+    # a case pattern keeps two regions of one case in one fold
+    regions = [IndexRow(f"/x/{i}.png", "FL", f"sj-1-R{i % 2}" if i < 4 else f"sj-{i}", None) for i in range(8)]
+    fold_of = assign_folds(regions, 2, case_pattern=r"^sj-\d+")
+    assert len(set(fold_of[:4])) == 1
+    with pytest.raises(ConfigError, match="fewer than the 6 folds"):
+        assign_folds(rows, 6)
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        assign_folds(rows, 1)

@@ -134,6 +134,34 @@ def assign_splits(rows: list[IndexRow], val_fraction: float, seed: int, case_pat
             for r in rows]
 
 
+def assign_folds(rows: list[IndexRow], k: int, seed: int = 0, case_pattern: str = "") -> list[int]:
+    """A fold number in ``[0, k)`` for every row: stratified by label, disjoint by case.
+
+    Within each label the cases (specimens reduced by ``case_pattern``, or single images without a
+    specimen column) are shuffled with ``seed`` and dealt round-robin, so every fold holds
+    ``len(cases) // k`` or one more cases of each label, and a case never spans two folds.
+    """
+    if k < 2:
+        raise ConfigError(f"cross-validation needs at least 2 folds, got {k}")
+    group_of = [_case_of(r.specimen, case_pattern) if r.specimen else r.image for r in rows]
+    cases_by_label: dict[str, list[str]] = defaultdict(list)
+    for r, group in zip(rows, group_of):
+        if group not in cases_by_label[r.label]:
+            cases_by_label[r.label].append(group)
+    rng = random.Random(seed)
+    fold_of: dict[tuple[str, str], int] = {}
+    start = 0  # labels with fewer cases than folds do not all crowd into fold 0
+    for label in sorted(cases_by_label):
+        cases = sorted(cases_by_label[label])
+        if len(cases) < k:
+            raise ConfigError(f"label {label!r} has {len(cases)} case(s), fewer than the {k} folds")
+        rng.shuffle(cases)
+        for i, case in enumerate(cases):
+            fold_of[(label, case)] = (start + i) % k
+        start += len(cases)
+    return [fold_of[(r.label, group)] for r, group in zip(rows, group_of)]
+
+
 def _answer(info: ClassInfo, caption: str) -> str:
     text = f"{caption} These features are most consistent with {info.name}."
     if info.confirm:

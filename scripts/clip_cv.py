@@ -1,0 +1,144 @@
+"""Choose a clip-stage recipe without touching the validation split: k-fold CV on the train split.
+
+    DATA=../shared/data python scripts/clip_cv.py -c configs/train/clip_demo.yaml \
+        --out runs/cv/base [--folds 3] [key.sub=value ...]
+
+Only rows whose split is ``train`` are read. They are dealt into folds stratified by label and
+disjoint by case (lymphoma: specimen, the two regions of sj-05-6124 together; CRC: tile). For each
+fold the clip stage trains on the other folds' pairs (built as `pathvlm data build` builds them)
+and the encoder is scored on the held-out fold: zero-shot with the prompt file and a linear probe
+fitted on the training folds. The summary pools the held-out predictions of all folds into one
+confusion matrix per evaluation (balanced accuracy over every train specimen) and lists the
+per-fold values. A fold already scored is not retrained, so a killed run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# dataset folder in DATA -> (class YAML and prompt file stem, case pattern)
+SETS = {"lymphoma": ("lymphoma_nia", "lymphoma", "^(sj-05-6124)"), "crc": ("crc_tiles", "crc_tissue", "")}
+
+
+def _write_fold_index(rows, folds: list[int], fold: int, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "specimen", "split"])
+        for row, f in zip(rows, folds):
+            writer.writerow([row.image, row.label, row.specimen or "", "val" if f == fold else "train"])
+
+
+def _prepare_fold(data: Path, fold_dir: Path, fold: int, k: int, seed: int) -> dict[str, Path]:
+    """Fold index CSVs and the training pairs of every set; returns {set: index path}."""
+    from pathvlm.data.builders import BuildConfig, assign_folds, build_datasets, read_index
+
+    indexes, pairs = {}, []
+    for short, (folder, classes, case_pattern) in SETS.items():
+        rows = [r for r in read_index(data / folder / "index.csv") if r.split == "train"]
+        folds = assign_folds(rows, k, seed, case_pattern)
+        index = fold_dir / f"index_{short}.csv"
+        _write_fold_index(rows, folds, fold, index)
+        cfg = BuildConfig(classes=f"configs/classes/{classes}.yaml", tasks=(), case_pattern=case_pattern,
+                          seed=seed)
+        build_datasets(index, fold_dir / f"data_{short}", cfg)
+        pairs.append((fold_dir / f"data_{short}" / "pairs_train.jsonl").read_text())
+        indexes[short] = index
+    (fold_dir / "pairs_train.jsonl").write_text("".join(pairs))
+    return indexes
+
+
+def _score_fold(encoder_dir: Path, indexes: dict[str, Path], fold_dir: Path) -> dict:
+    from pathvlm.eval.common import load_eval_model
+    from pathvlm.eval.linear_probe import LinearProbeConfig, run_linear_probe
+    from pathvlm.eval.zeroshot_eval import ZeroShotEvalConfig, run_zeroshot_eval
+
+    model = load_eval_model(f"encoder:local-dir:{encoder_dir}")
+    out = {}
+    for short, index in indexes.items():
+        prompts = f"configs/prompts/{SETS[short][1]}.json"
+        zs = run_zeroshot_eval(model, index, ZeroShotEvalConfig(prompts=prompts, split="val", n_boot=0),
+                               fold_dir / f"zs_{short}.json")
+        lp = run_linear_probe(model, LinearProbeConfig(train=str(index), test=str(index), train_split="train",
+                                                       test_split="val", n_boot=0),
+                              fold_dir / f"lp_{short}.json")
+        out[short] = {kind: {"balanced_accuracy": r["balanced_accuracy"], "confusion": r["confusion_matrix"]}
+                      for kind, r in (("zeroshot", zs), ("linear_probe", lp))}
+    return out
+
+
+def _pooled(per_fold: list[dict], short: str, kind: str) -> dict:
+    """Sum the folds' confusion matrices (aligned by label name) -> pooled balanced accuracy."""
+    from pathvlm.eval.metrics import balanced_accuracy
+
+    labels = sorted({lab for f in per_fold for lab in f[short][kind]["confusion"]["labels"]})
+    total = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for f in per_fold:
+        cm = f[short][kind]["confusion"]
+        idx = [labels.index(lab) for lab in cm["labels"]]
+        total[np.ix_(idx, idx)] += np.array(cm["counts"], dtype=np.int64)
+    values = [f[short][kind]["balanced_accuracy"] for f in per_fold]
+    return {"pooled_balanced_accuracy": balanced_accuracy(total), "fold_balanced_accuracy": values,
+            "fold_mean": float(np.mean(values)), "labels": labels, "confusion": total.tolist()}
+
+
+def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[str]) -> dict:
+    from pathvlm.train import train_stage
+
+    per_fold = []
+    for fold in range(k):
+        fold_dir = out / f"fold{fold}"
+        scores = fold_dir / "scores.json"
+        if scores.is_file():
+            per_fold.append(json.loads(scores.read_text()))
+            continue
+        indexes = _prepare_fold(data, fold_dir, fold, k, seed)
+        t0 = time.perf_counter()
+        run_dir = train_stage("clip", config, [*overrides, f"train.out_dir={fold_dir / 'clip'}",
+                                               f"data.train={fold_dir / 'pairs_train.jsonl'}", "data.val="])
+        result = _score_fold(run_dir / "encoder", indexes, fold_dir)
+        result["train_minutes"] = (time.perf_counter() - t0) / 60
+        scores.write_text(json.dumps(result, indent=2))
+        per_fold.append(result)
+        print(f"fold {fold}: " + ", ".join(f"{s} {kind} {v[kind]['balanced_accuracy']:.3f}"
+                                           for s, v in result.items() if s in SETS for kind in v), flush=True)
+    summary = {"config": config, "overrides": overrides, "folds": k, "seed": seed,
+               "train_minutes": [f["train_minutes"] for f in per_fold],
+               **{f"{s}_{kind}": _pooled(per_fold, s, kind) for s in SETS for kind in ("zeroshot", "linear_probe")}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            folds = " ".join(f"{v:.3f}" for v in value["fold_balanced_accuracy"])
+            print(f"{key:24s} pooled {value['pooled_balanced_accuracy']:.3f}  folds {folds}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", required=True, help="clip stage YAML")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("DATA", os.environ.get(
+        "PATHVLM_DATA", "../shared/data"))))
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="fold assignment and pair sampling")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value for the clip stage")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not (args.data / "lymphoma_nia" / "index.csv").is_file():
+        print(f"{args.data}: no lymphoma_nia/index.csv (set DATA or PATHVLM_DATA)", file=sys.stderr)
+        return 2
+    run(args.config, args.out, args.data, args.folds, args.seed, args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
