@@ -1,8 +1,13 @@
-"""Stain handling in numpy: Macenko normalisation (Macenko et al., ISBI 2009) and HED jitter.
+"""Stain handling in numpy: Macenko and Reinhard normalisation, RandStainNA sampling, HED jitter.
 
-Each tile's H&E stain vectors and stain amounts are estimated from its optical densities and the
-tile is re-rendered with a reference's stain vectors and amounts. Tiles with too little tissue or
-a degenerate fit come back unchanged, so normalising never fails and never produces NaN.
+Macenko (Macenko et al., ISBI 2009): each tile's H&E stain vectors and stain amounts are
+estimated from its optical densities and the tile is re-rendered with a reference's stain vectors
+and amounts. Tiles with too little tissue or a degenerate fit come back unchanged, so normalising
+never fails and never produces NaN.
+Reinhard (Reinhard et al. 2001) in CIELAB: each tile's per-channel mean and standard deviation are
+moved to a template's. The template is fitted on training images as the average of their own
+statistics; RandStainNA (Shen et al., MICCAI 2022) trains on templates drawn around it with the
+spread seen across those images, and infers with the average one.
 `hed_jitter` is the stain augmentation training uses and the perturbation robustness is measured with.
 """
 
@@ -21,6 +26,8 @@ from pathvlm.errors import ModelError
 log = logging.getLogger(__name__)
 
 METHOD = "macenko"
+LAB_METHOD = "reinhard"
+MIN_LAB_STD = 1e-3  # a flat channel (a blank tile): its contrast is not stretched
 IO = 240.0  # transmitted light intensity: brighter pixels count as glass (Macenko's reference code)
 BETA = 0.15  # OD threshold per channel: below it a pixel is background, not stain
 ALPHA = 1.0  # robust extreme angles: the alpha-th and (100 - alpha)-th percentiles
@@ -35,6 +42,9 @@ class StainReference:
 
     stain_matrix: np.ndarray  # [3, 2], unit columns, H first
     max_concentrations: np.ndarray  # [2]
+
+    def normalize(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+        return normalize_stain(image, self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists for a JSON config file."""
@@ -181,17 +191,106 @@ def normalize_stain(
     return Image.fromarray(out) if isinstance(image, Image.Image) else out
 
 
-class StainNormalizer:
-    """Picklable callable form of `normalize_stain` for transform pipelines and datasets."""
+@dataclass(frozen=True, eq=False)  # arrays: compare via to_dict()
+class LabReference:
+    """A Reinhard template in CIELAB and how much it varies over the images it was fitted on.
 
-    def __init__(self, reference: StainReference):
+    ``mean[0]`` / ``mean[1]``: the average over images of each image's per-channel (L, a, b) mean
+    and standard deviation; ``spread``: their standard deviations across images.
+    """
+
+    mean: np.ndarray  # [2, 3]: (channel means, channel stds)
+    spread: np.ndarray  # [2, 3]
+
+    def normalize(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+        """Reinhard transfer to the average template; PIL in -> PIL out, uint8 array in -> out."""
+        rgb = _as_rgb_array(image)
+        out = np.round(reinhard(rgb.astype(np.float32) / 255.0, self.mean) * 255).astype(np.uint8)
+        return Image.fromarray(out) if isinstance(image, Image.Image) else out
+
+    def sample(self, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+        """A random [2, 3] template: Gaussian around ``mean`` with ``scale`` x ``spread`` (stds >= 0)."""
+        target = rng.normal(self.mean, scale * self.spread)
+        target[1] = np.maximum(target[1], MIN_LAB_STD)
+        return target
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": LAB_METHOD,
+                "mean": [[round(float(v), 6) for v in row] for row in self.mean],
+                "spread": [[round(float(v), 6) for v in row] for row in self.spread]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "stain_norm") -> LabReference:
+        if not isinstance(data, dict) or data.get("method") != LAB_METHOD:
+            raise ModelError(f"{source}: expected a {LAB_METHOD!r} stain reference, got {data!r}")
+        try:
+            mean = np.asarray(data["mean"], dtype=np.float64)
+            spread = np.asarray(data["spread"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{source}: malformed stain reference ({exc})") from exc
+        if mean.shape != (2, 3) or spread.shape != (2, 3):
+            raise ModelError(f"{source}: mean and spread must be 2x3 (LAB means, LAB stds)")
+        if not (np.isfinite(mean).all() and np.isfinite(spread).all() and (spread >= 0).all()
+                and (mean[1] > 0).all()):
+            raise ModelError(f"{source}: stain reference has non-finite or negative values")
+        return cls(mean, spread)
+
+
+def lab_statistics(rgb: np.ndarray) -> np.ndarray:
+    """[H, W, 3] float RGB in [0, 1] -> [2, 3]: per-channel CIELAB mean and standard deviation."""
+    from skimage.color import rgb2lab
+
+    lab = rgb2lab(rgb).reshape(-1, 3)
+    return np.stack([lab.mean(0), lab.std(0)])
+
+
+def reinhard(rgb: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Move each CIELAB channel of ``rgb`` ([H, W, 3] float in [0, 1]) to ``target`` [2, 3]
+    (means, stds); float RGB in [0, 1] out. A flat channel is shifted, not stretched."""
+    from skimage.color import lab2rgb, rgb2lab
+
+    lab = rgb2lab(rgb)
+    mean, std = lab.reshape(-1, 3).mean(0), lab.reshape(-1, 3).std(0)
+    gain = np.where(std > MIN_LAB_STD, target[1] / np.maximum(std, MIN_LAB_STD), 1.0)
+    lab = (lab - mean) * gain + target[0]
+    lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
+    return np.clip(lab2rgb(lab), 0.0, 1.0)
+
+
+def fit_lab_reference(images: Iterable[Image.Image | np.ndarray], max_images: int = 64) -> LabReference:
+    """The Reinhard template (and its spread) of (the first ``max_images``) images."""
+    stats = [lab_statistics(_as_rgb_array(im).astype(np.float32) / 255.0)
+             for _, im in zip(range(max_images), images)]
+    if len(stats) < 2:
+        raise ModelError(f"a Reinhard stain reference needs at least 2 images, got {len(stats)}")
+    stats = np.stack(stats)  # [N, 2, 3]
+    log.info("fitted a Reinhard (LAB) stain reference on %d images", len(stats))
+    return LabReference(stats.mean(0), stats.std(0))
+
+
+STAIN_METHODS = {METHOD: StainReference, LAB_METHOD: LabReference}
+
+
+def stain_reference_from_dict(data: Any, source: str = "stain_norm") -> StainReference | LabReference:
+    """The saved stain reference of either method; an unknown or malformed one is a ModelError."""
+    method = data.get("method") if isinstance(data, dict) else None
+    if method not in STAIN_METHODS:
+        raise ModelError(f"{source}: unknown stain reference method {method!r} "
+                         f"(known: {', '.join(STAIN_METHODS)})")
+    return STAIN_METHODS[method].from_dict(data, source)
+
+
+class StainNormalizer:
+    """Picklable callable form of a reference's ``normalize`` for transform pipelines and datasets."""
+
+    def __init__(self, reference: StainReference | LabReference):
         self.reference = reference
 
     def __call__(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
-        return normalize_stain(image, self.reference)
+        return self.reference.normalize(image)
 
     def __repr__(self) -> str:
-        return f"StainNormalizer(method={METHOD!r})"
+        return f"StainNormalizer(method={self.reference.to_dict()['method']!r})"
 
 
 def reference_images(paths: Sequence[str], max_images: int = 64, seed: int = 0) -> list[str]:

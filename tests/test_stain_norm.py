@@ -1,4 +1,5 @@
-"""Macenko stain normalisation: the maths, its failure modes, the encoder transform and training."""
+"""Stain normalisation (Macenko, Reinhard/RandStainNA): the maths, failure modes, the encoder
+transform and training."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ from pathvlm.data import read_pairs
 from pathvlm.encoders import build_transform, create_encoder
 from pathvlm.errors import ModelError
 from pathvlm.stain import (
+    LabReference,
     StainNormalizer,
     StainReference,
+    fit_lab_reference,
     fit_reference,
+    lab_statistics,
     normalize_stain,
     reference_images,
+    stain_reference_from_dict,
 )
 
 
@@ -146,7 +151,7 @@ def test_encoder_transform_applies_it_and_save_load_keeps_it(tissue, reference, 
     assert old.stain_norm is None and torch.equal(old_transform(image), plain(image))
     # the reference changes the features, so it changes the hash that keys cached features
     assert loaded.weights_hash != old.weights_hash
-    config["pathvlm"]["stain_norm"] = {"method": "reinhard"}
+    config["pathvlm"]["stain_norm"] = {"method": "vahadane"}
     (tmp_path / "enc" / "open_clip_config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="stain_norm"):
         create_encoder(f"local-dir:{tmp_path / 'enc'}", device="cpu")
@@ -179,5 +184,68 @@ def test_train_clip_with_macenko_saves_the_reference(pairs_dir, tmp_path, capsys
     assert refit.to_dict() == saved.to_dict()
 
     capsys.readouterr()
-    assert main(_clip_args(pairs_dir, tmp_path / "bad", "model.stain_norm=reinhard")) == 2
+    assert main(_clip_args(pairs_dir, tmp_path / "bad", "model.stain_norm=vahadane")) == 2
     assert "model.stain_norm" in capsys.readouterr().err
+
+
+def test_reinhard_moves_every_tile_to_the_template_and_round_trips(tissue):
+    variants = [_he_like(tissue, amount=a, gain=g) for a, g in
+                (((1.4, 0.7), (1.15, 1.0, 0.9)), ((0.7, 1.3), (0.9, 1.05, 1.15)), ((1.0, 1.0), (1.0, 1.0, 1.0)))]
+    ref = LabReference.from_dict(fit_lab_reference(variants).to_dict())
+    assert isinstance(stain_reference_from_dict(ref.to_dict()), LabReference)
+    out = [ref.normalize(v) for v in variants]
+    # each normalised tile has (nearly) the template's LAB statistics, whatever it started from
+    for o in out:
+        assert o.dtype == np.uint8 and o.shape == variants[0].shape
+        assert np.abs(lab_statistics(o / 255.0) - ref.mean).max() < 1.5
+    assert _gap(out[0], out[1]) < 0.5 * _gap(variants[0], variants[1])
+    pil = StainNormalizer(ref)(Image.fromarray(variants[0]))
+    assert isinstance(pil, Image.Image) and np.array_equal(np.asarray(pil), out[0])
+    # templates for RandStainNA: around the fitted one, as wide as asked, stds kept positive
+    draws = np.stack([ref.sample(np.random.default_rng(i), 2.0) for i in range(400)])
+    assert np.allclose(draws.mean(0), ref.mean, atol=0.5 * ref.spread.max() + 0.2)
+    assert np.allclose(draws.std(0), 2.0 * ref.spread, rtol=0.25, atol=0.05) and (draws[:, 1] > 0).all()
+    blank = np.full((16, 16, 3), 240, np.uint8)  # a flat tile is shifted, never divided by zero
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(ref.normalize(blank)).all()
+    with pytest.raises(ModelError, match="2x3"):
+        LabReference.from_dict({**ref.to_dict(), "mean": [[1, 2]]})
+    with pytest.raises(ModelError, match="unknown stain reference method"):
+        stain_reference_from_dict({"method": "vahadane"})
+    with pytest.raises(ModelError, match="at least 2 images"):
+        fit_lab_reference([variants[0]])
+
+
+def test_train_clip_with_reinhard_and_randstain(pairs_dir, tmp_path, capsys):
+    from pathvlm.train.augment import TrainTransform
+    from pathvlm.train.config import AugmentConfig
+
+    run = tmp_path / "run"
+    assert main(_clip_args(pairs_dir, run, "train.steps=2", "train.eval_every=0", "train.save_every=0",
+                           "model.stain_norm=reinhard", "augment.randstain=1.0", "augment.grayscale=0.5")) == 0
+    config = json.loads((run / "encoder" / "open_clip_config.json").read_text())
+    saved = stain_reference_from_dict(config["pathvlm"]["stain_norm"])
+    paths = reference_images([r["image"] for r in read_pairs(pairs_dir / "pairs_train.jsonl")])
+    assert saved.to_dict() == fit_lab_reference([Image.open(p).convert("RGB") for p in paths]).to_dict()
+    _, transform = create_encoder(f"local-dir:{run / 'encoder'}", device="cpu")
+    image = Image.open(paths[0]).convert("RGB")
+    plain = build_transform(create_encoder("openclip:pathvlm-tiny", device="cpu")[0])
+    assert torch.equal(transform(image), plain(saved.normalize(image)))  # inference: the fitted template
+
+    # training: with randstain 0 a crop gets exactly the template inference uses; with randstain
+    # the template varies per sample; grayscale 1 gives equal channels
+    none = AugmentConfig(flip=False, rot90=False, stain_jitter=0, stain_bias=0, brightness=0, scale_min=1.0)
+    fixed = TrainTransform(32, (0.0,) * 3, (1.0,) * 3, none, lab=saved)
+    expected = torch.from_numpy(np.asarray(saved.normalize(image.resize((32, 32), Image.BICUBIC)),
+                                           np.float32) / 255).permute(2, 0, 1)
+    assert (fixed(image, 0) - expected).abs().max() < 2 / 255
+    rand = TrainTransform(32, (0.0,) * 3, (1.0,) * 3, AugmentConfig(**{**none.__dict__, "randstain": 1.0}), lab=saved)
+    assert not torch.allclose(rand(image, 0), rand(image, 1))
+    gray = TrainTransform(32, (0.0,) * 3, (1.0,) * 3, AugmentConfig(**{**none.__dict__, "grayscale": 1.0}))
+    out = gray(image, 0)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+
+    capsys.readouterr()
+    assert main(_clip_args(pairs_dir, tmp_path / "bad", "augment.randstain=1.0")) == 2
+    assert "model.stain_norm=reinhard" in capsys.readouterr().err

@@ -220,7 +220,7 @@ def test_frozen_minilm_is_run_once_per_caption_and_gives_the_same_loss(pairs_dir
     task.model.eval()  # the uncached path below must not draw dropout either
     cached = task.training_step((images, rows, groups))["contrastive"]
     tokens = task.encoder.tokenizer()([text for _, text, _ in items])
-    cache, task.text_cache = task.text_cache, None
+    task.text_cache = None
     plain = task.training_step((images, tokens, groups))["contrastive"]
     assert torch.allclose(cached, plain, atol=1e-5)
     cached.backward()  # the projection still learns through the cache

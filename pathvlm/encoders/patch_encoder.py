@@ -19,7 +19,7 @@ from pathvlm.encoders.archs import resolve_hf_name, resolve_text_cfg
 from pathvlm.errors import ModelError
 
 if TYPE_CHECKING:
-    from pathvlm.stain import StainReference
+    from pathvlm.stain import LabReference, StainReference
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -82,8 +82,9 @@ class PatchEncoder(nn.Module):
         embed_dim: size D of ``encode_image`` / ``encode_text`` outputs.
         weights_hash: short sha256 of the weights, so features from different weights never mix.
         has_text: whether ``encode_text`` is available.
-        stain_norm: a `pathvlm.stain.StainReference` that every image is Macenko-normalised to
-            before the transform, or None; saved in the config's ``pathvlm`` section.
+        stain_norm: a `pathvlm.stain.StainReference` (Macenko) or `LabReference` (Reinhard) that
+            every image is normalised to before the transform, or None; saved in the config's
+            ``pathvlm`` section.
     """
 
     def __init__(
@@ -105,7 +106,7 @@ class PatchEncoder(nn.Module):
         self.embed_dim = int(model_cfg["embed_dim"])
         self._tokenizer = None
         self.weights_hash = state_dict_hash(self.model.state_dict())
-        self.stain_norm: StainReference | None = None
+        self.stain_norm: StainReference | LabReference | None = None
 
     def refresh_hash(self) -> str:
         """Recompute ``weights_hash`` from the weights and the stain reference (both change the

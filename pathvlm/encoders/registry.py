@@ -182,8 +182,9 @@ def load_weights_strict(
 def build_transform(encoder: Any) -> Transform:
     """The eval transform of an encoder (PIL image -> [3, H, W] tensor), from what it carries.
 
-    open_clip's resize/crop/normalise from ``encoder.preprocess_cfg``, preceded by Macenko stain
-    normalisation (PIL in, PIL out) when the encoder carries a stain reference (``stain_norm``).
+    open_clip's resize/crop/normalise from ``encoder.preprocess_cfg``, preceded by stain
+    normalisation (Macenko or Reinhard, PIL in, PIL out) when the encoder carries a stain
+    reference (``stain_norm``).
     Every inference path (create_encoder, zero-shot, eval) builds its transform here.
     """
     from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -232,7 +233,7 @@ _TEXT_TOWER_KEYS = ("text.", "transformer.", "token_embedding.", "positional_emb
 def _from_config_and_weights(
     name: str, config_path: Path, weights_path: Path | None, vision_only: bool
 ) -> tuple[PatchEncoder, Transform]:
-    from pathvlm.stain import StainReference
+    from pathvlm.stain import stain_reference_from_dict
 
     model_cfg, preprocess, meta = _read_config_file(config_path)
     vision_only = vision_only or bool(meta.get("vision_only", False))
@@ -241,7 +242,7 @@ def _from_config_and_weights(
     model = build_clip(model_cfg, pretrained_text=weights_path is None or text_from_package)
     encoder = PatchEncoder(name, model, model_cfg, preprocess, vision_only=vision_only)
     if meta.get("stain_norm") is not None:
-        encoder.stain_norm = StainReference.from_dict(meta["stain_norm"], f"{config_path}: stain_norm")
+        encoder.stain_norm = stain_reference_from_dict(meta["stain_norm"], f"{config_path}: stain_norm")
         encoder.refresh_hash()
     if weights_path is not None:
         state = _load_state_dict(weights_path)

@@ -1,7 +1,9 @@
 """Train-time augmentation for H&E patches, driven by an explicit per-sample generator.
 
 Stain jitter perturbs the haematoxylin/eosin/DAB optical densities (Tellez et al. 2018 style),
-which mimics lab-to-lab staining differences better than RGB colour jitter.
+which mimics lab-to-lab staining differences better than RGB colour jitter. With a Reinhard
+template (`LabReference`) each crop is first moved to a template drawn around it (RandStainNA),
+and a share of crops can be shown as luminance only, so colour alone cannot name a specimen.
 """
 
 from __future__ import annotations
@@ -10,15 +12,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pathvlm.stain import hed_jitter
+from pathvlm.stain import LabReference, hed_jitter, reinhard
 from pathvlm.train.config import AugmentConfig
 
 
 class TrainTransform:
     """PIL image -> normalised [3, size, size] tensor with crop, flips, 90° turns and stain jitter."""
 
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], cfg: AugmentConfig):
-        self.size, self.cfg = size, cfg
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], cfg: AugmentConfig,
+                 lab: LabReference | None = None):
+        self.size, self.cfg, self.lab = size, cfg, lab
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -36,6 +39,9 @@ class TrainTransform:
     def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
         rng = np.random.default_rng(seed)
         arr = np.asarray(self._crop(image.convert("RGB"), rng), dtype=np.float32) / 255.0  # [H, W, 3]
+        if self.lab is not None:  # as inference normalises each tile, or to a random template
+            target = self.lab.sample(rng, self.cfg.randstain) if self.cfg.randstain > 0 else self.lab.mean
+            arr = reinhard(arr, target).astype(np.float32)
         if self.cfg.flip:
             if rng.random() < 0.5:
                 arr = arr[:, ::-1]
@@ -45,6 +51,8 @@ class TrainTransform:
             arr = np.rot90(arr, k=int(rng.integers(0, 4)))
         if self.cfg.stain_jitter > 0 or self.cfg.stain_bias > 0:
             arr = hed_jitter(arr, rng, self.cfg.stain_jitter, self.cfg.stain_bias)
+        if self.cfg.grayscale > 0 and rng.random() < self.cfg.grayscale:
+            arr = np.repeat(arr @ np.array([0.299, 0.587, 0.114], dtype=arr.dtype), 3).reshape(arr.shape)
         if self.cfg.brightness > 0:
             arr = np.clip(arr * rng.uniform(1 - self.cfg.brightness, 1 + self.cfg.brightness), 0.0, 1.0)
         tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)  # [3, H, W]

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from pathvlm.data import load_class_set, read_pairs
 from pathvlm.errors import ConfigError, ModelError, SlideError
+from pathvlm.stain import LabReference
 from pathvlm.train.augment import TrainTransform
 from pathvlm.train.config import ClipStageConfig
 
@@ -141,13 +142,16 @@ class ClipTask:
         self.model = self.encoder.model
         freeze_towers(self.model, cfg.model.lock_image, cfg.model.lock_text,
                       cfg.model.train_text_proj)
-        pre = PreprocessCfg(**self.encoder.preprocess_cfg)
-        size = pre.size if isinstance(pre.size, int) else pre.size[0]
-        self.transform = TrainTransform(size, pre.mean, pre.std, cfg.augment)
         self.records = read_pairs(cfg.data.train)
         if any("image" not in r for r in self.records):
             raise ConfigError(f"{cfg.data.train}: the clip stage trains on pixels; every record needs 'image'")
         self._set_stain_reference(cfg)
+        pre = PreprocessCfg(**self.encoder.preprocess_cfg)
+        size = pre.size if isinstance(pre.size, int) else pre.size[0]
+        lab = self.encoder.stain_norm if isinstance(self.encoder.stain_norm, LabReference) else None
+        if cfg.augment.randstain > 0 and lab is None:
+            raise ConfigError("augment.randstain samples around a Reinhard template: set model.stain_norm=reinhard")
+        self.transform = TrainTransform(size, pre.mean, pre.std, cfg.augment, lab=lab)
         state = PartialState()
         if cfg.model.loss == "unicl":
             self.loss = UniClLoss(rank=state.process_index, world_size=state.num_processes)
@@ -188,28 +192,40 @@ class ClipTask:
         return {c: i for i, c in enumerate(captions)}, pooled
 
     def _set_stain_reference(self, cfg: ClipStageConfig) -> None:
-        """Fit (``macenko``) or keep (``""``) the encoder's stain reference; rebuild eval transform."""
-        from pathvlm.encoders import build_transform
-        from pathvlm.stain import StainNormalizer, fit_reference, reference_images
+        """Fit (``macenko``, ``reinhard``) or keep (``""``) the encoder's stain reference.
 
-        if cfg.model.stain_norm not in ("", "macenko"):
-            raise ConfigError(f"model.stain_norm: {cfg.model.stain_norm!r} is not one of ['', 'macenko']")
-        if cfg.model.stain_norm == "macenko":
+        Rebuilds the eval transform. A Macenko reference normalises whole images before the
+        augmentation (``self.stain``); a Reinhard one is applied per crop by the train transform.
+        """
+        from pathvlm.encoders import build_transform
+        from pathvlm.stain import (
+            StainNormalizer,
+            fit_lab_reference,
+            fit_reference,
+            reference_images,
+        )
+
+        fitters = {"macenko": fit_reference, "reinhard": fit_lab_reference}
+        method = cfg.model.stain_norm
+        if method not in ("", *fitters):
+            raise ConfigError(f"model.stain_norm: {method!r} is not one of {['', *fitters]}")
+        if method:
             # a seeded subset across the whole set, not the first files (often all one class)
             distinct = {r["image"] for r in self.records}
             paths = reference_images(list(distinct), STAIN_FIT_IMAGES)  # sorted, seeded subset
             try:
-                reference = fit_reference((_open_rgb(p) for p in paths), max_images=len(paths))
+                reference = fitters[method]((_open_rgb(p) for p in paths), max_images=len(paths))
             except ModelError as exc:
-                raise ModelError(f"{cfg.data.train}: model.stain_norm=macenko: {exc}") from exc
-            log.info("model.stain_norm=macenko: stain reference fitted on %d of %d train images",
-                     len(paths), len(distinct))
+                raise ModelError(f"{cfg.data.train}: model.stain_norm={method}: {exc}") from exc
+            log.info("model.stain_norm=%s: stain reference fitted on %d of %d train images",
+                     method, len(paths), len(distinct))
             self.encoder.stain_norm = reference
         elif self.encoder.stain_norm is not None:
             log.info("encoder %s carries a stain reference: train images are normalised to it",
                      cfg.model.encoder)
         self.eval_transform = build_transform(self.encoder)
-        self.stain = None if self.encoder.stain_norm is None else StainNormalizer(self.encoder.stain_norm)
+        whole_image = self.encoder.stain_norm is not None and not isinstance(self.encoder.stain_norm, LabReference)
+        self.stain = StainNormalizer(self.encoder.stain_norm) if whole_image else None
 
     def _load_val(self, cfg: ClipStageConfig) -> dict[str, Any]:
         if not cfg.data.classes:

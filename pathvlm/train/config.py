@@ -57,6 +57,11 @@ class AugmentConfig:
     stain_jitter: float = 0.05  # HED-space scale jitter (+-); 0 = off
     stain_bias: float = 0.01  # HED-space shift (+-)
     brightness: float = 0.1  # +- multiplicative; 0 = off
+    # RandStainNA: with model.stain_norm=reinhard, each crop is moved to a LAB template drawn
+    # around the fitted one with this many times the spread seen across the train images (0: the
+    # fitted template itself, i.e. plain Reinhard normalisation as at inference)
+    randstain: float = 0.0
+    grayscale: float = 0.0  # probability of replacing a crop by its luminance (colour-blind view)
 
 
 @dataclass
@@ -72,9 +77,10 @@ class ClipModelConfig:
     lock_image: bool = False
     lock_text: bool = False
     train_text_proj: bool = False  # with lock_text: still train the text projection (text.proj / text_projection)
-    # "macenko": fit a stain reference on the train images, normalise every image to it (before
-    # augmentation) and save it with the encoder; "": keep the reference the encoder carries, if any
-    stain_norm: Literal["", "macenko"] = ""
+    # "macenko" / "reinhard": fit a stain reference on the train images, normalise every image to
+    # it (Macenko: before augmentation; Reinhard: each crop, see augment.randstain) and save it with
+    # the encoder, whose inference transform applies it; "": keep the encoder's reference, if any
+    stain_norm: Literal["", "macenko", "reinhard"] = ""
     # "clip": open_clip's ClipLoss (each image's own caption is its only positive); "unicl":
     # every caption of the same label (or, without labels, the same text) in the batch is a
     # positive (Yang et al. 2022, UniCL): with few distinct captions per class, ClipLoss would
