@@ -14,6 +14,7 @@ spread seen across those images, and infers with the average one.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -254,7 +255,9 @@ def reinhard(rgb: np.ndarray, target: np.ndarray) -> np.ndarray:
     gain = np.where(std > MIN_LAB_STD, target[1] / np.maximum(std, MIN_LAB_STD), 1.0)
     lab = (lab - mean) * gain + target[0]
     lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
-    return np.clip(lab2rgb(lab), 0.0, 1.0)
+    with warnings.catch_warnings():  # out-of-gamut colours are clipped, which is what we want
+        warnings.filterwarnings("ignore", message=".*negative Z values", category=UserWarning)
+        return np.clip(lab2rgb(lab), 0.0, 1.0)
 
 
 def fit_lab_reference(images: Iterable[Image.Image | np.ndarray], max_images: int = 64) -> LabReference:
