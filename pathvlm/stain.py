@@ -37,6 +37,25 @@ MIN_TISSUE_PIXELS = 100
 MIN_STAIN_ANGLE = 0.05  # radians between the H and E vectors; less cannot separate two stains
 
 
+def _read_arrays(data: Any, method: str, source: str, shapes: dict[str, tuple[int, ...]]) -> list[np.ndarray]:
+    """The finite float arrays ``shapes`` names from a saved ``method`` reference, else ModelError."""
+    if not isinstance(data, dict) or data.get("method") != method:
+        raise ModelError(f"{source}: expected a {method!r} stain reference, got {data!r}")
+    arrays = []
+    for key, shape in shapes.items():
+        try:
+            value = np.asarray(data[key], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{source}: malformed stain reference ({key}: {exc!r})") from exc
+        if value.shape != shape:
+            want, got = ("x".join(map(str, dims)) for dims in (shape, value.shape))
+            raise ModelError(f"{source}: {key} must be {want}, got {got or 'a scalar'}")
+        if not np.isfinite(value).all():
+            raise ModelError(f"{source}: stain reference has non-finite values in {key}")
+        arrays.append(value)
+    return arrays
+
+
 @dataclass(frozen=True, eq=False)  # arrays: compare via to_dict()
 class StainReference:
     """Target appearance: a [3, 2] OD stain matrix (columns H, E) and the stains' max amounts."""
@@ -58,17 +77,10 @@ class StainReference:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "stain_norm") -> StainReference:
         """Inverse of `to_dict`; a malformed entry is a ModelError naming ``source``."""
-        if not isinstance(data, dict) or data.get("method") != METHOD:
-            raise ModelError(f"{source}: expected a {METHOD!r} stain reference, got {data!r}")
-        try:
-            matrix = np.asarray(data["stain_matrix"], dtype=np.float64)
-            max_c = np.asarray(data["max_concentrations"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{source}: malformed stain reference ({exc})") from exc
-        if matrix.shape != (3, 2) or max_c.shape != (2,):
-            raise ModelError(f"{source}: stain_matrix must be 3x2 and max_concentrations 2 long")
-        if not (np.isfinite(matrix).all() and np.isfinite(max_c).all() and (max_c > 0).all()):
-            raise ModelError(f"{source}: stain reference has non-finite or non-positive values")
+        matrix, max_c = _read_arrays(data, METHOD, source,
+                                     {"stain_matrix": (3, 2), "max_concentrations": (2,)})
+        if not (max_c > 0).all():
+            raise ModelError(f"{source}: stain reference has non-positive max_concentrations")
         return cls(matrix, max_c)
 
 
@@ -222,18 +234,9 @@ class LabReference:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "stain_norm") -> LabReference:
-        if not isinstance(data, dict) or data.get("method") != LAB_METHOD:
-            raise ModelError(f"{source}: expected a {LAB_METHOD!r} stain reference, got {data!r}")
-        try:
-            mean = np.asarray(data["mean"], dtype=np.float64)
-            spread = np.asarray(data["spread"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{source}: malformed stain reference ({exc})") from exc
-        if mean.shape != (2, 3) or spread.shape != (2, 3):
-            raise ModelError(f"{source}: mean and spread must be 2x3 (LAB means, LAB stds)")
-        if not (np.isfinite(mean).all() and np.isfinite(spread).all() and (spread >= 0).all()
-                and (mean[1] > 0).all()):
-            raise ModelError(f"{source}: stain reference has non-finite or negative values")
+        mean, spread = _read_arrays(data, LAB_METHOD, source, {"mean": (2, 3), "spread": (2, 3)})
+        if not ((spread >= 0).all() and (mean[1] > 0).all()):
+            raise ModelError(f"{source}: stain reference has negative spreads or non-positive stds")
         return cls(mean, spread)
 
 
