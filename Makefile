@@ -38,9 +38,9 @@ DATA ?= ../shared/data
 DEMO_ENCODER ?= runs/clip_demo/encoder
 DEMO_OUT ?= pathvlm/model/weights/demo
 demo-model: setup
-	$(VENV)/bin/pathvlm data build $(DATA)/crc_tiles/index.csv --classes configs/classes/crc_tissue.yaml --mc-options 0 -o data/crc
+	$(VENV)/bin/pathvlm data build $(DATA)/crc_tiles/index.csv --classes configs/classes/crc_tissue.yaml -o data/crc
 	$(VENV)/bin/pathvlm data build $(DATA)/lymphoma_nia/index.csv --classes configs/classes/lymphoma.yaml \
-		--case-pattern '^(sj-05-6124)' --mc-options 0 -o data/lymphoma
+		--case-pattern '^(sj-05-6124)' -o data/lymphoma
 	mkdir -p data/demo
 	cat data/crc/pairs_train.jsonl data/lymphoma/pairs_train.jsonl > data/demo/pairs_train.jsonl
 	cat data/crc/instruct_train.jsonl data/lymphoma/instruct_train.jsonl > data/demo/instruct_train.jsonl
