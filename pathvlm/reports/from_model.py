@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "configs" / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "configs" / "prompts"
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathvlm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 REPORT_KINDS = ("colorectal_resection", "colorectal_biopsy", "lymphoma")
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "configs" / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "configs" / "prompts"
 PRESETS = {"colorectal tissue": "crc_tissue.json", "lymphoma": "lymphoma.json"}
 
 
