@@ -158,7 +158,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    from pathvlm.data.builders import TASKS, BuildConfig
+    from pathvlm.data.builders import DEFAULT_TASKS, TASKS, BuildConfig
 
     p = sub.add_parser("data", help="build and check training data files")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -177,7 +177,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                    help="options per multiple-choice question (0: 2 to all classes at random)")
     b.add_argument("--case-pattern", default="", help="regex naming the case within a specimen id "
                    "(specimens of one case stay in one split)")
-    b.add_argument("--tasks", default=",".join(TASKS), help=f"instruction kinds, comma separated ({','.join(TASKS)})")
+    b.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"instruction kinds, comma separated ({','.join(TASKS)})")
+    b.add_argument("--chat-per-image", type=int, default=BuildConfig.chat_per_image,
+                   help="chat-type conversations per image (a window rotating over the chat types in --tasks)")
     b.set_defaults(func=_cmd_data_build)
     c = data_sub.add_parser("check", help="validate a pairs JSONL, instruction JSONL or MIL CSV")
     c.add_argument("kind", choices=["pairs", "instruct", "mil"])
@@ -192,7 +195,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     cfg = BuildConfig(classes=args.classes, val_fraction=args.val_fraction, seed=args.seed,
                       captions_per_image=args.captions_per_image,
                       named_captions=args.named_captions, closed_per_image=args.closed_per_image,
-                      mc_options=args.mc_options,
+                      mc_options=args.mc_options, chat_per_image=args.chat_per_image,
                       tasks=tasks, case_pattern=args.case_pattern)
     summary = build_datasets(args.source, args.out, cfg)
     for split, info in summary["splits"].items():

@@ -21,6 +21,8 @@ from pathvlm.data import (
     read_mil_csv,
     read_pairs,
 )
+from pathvlm.data.builders import TASKS
+from pathvlm.data.conversations import CHAT_TYPES
 from pathvlm.data.questions import mc_question, parse_choice, parse_yesno
 from pathvlm.errors import ConfigError
 
@@ -163,11 +165,12 @@ def test_yes_no_is_balanced_truthful_and_names_the_class_first(tmp_path):
 
 def test_every_task_passes_the_conversation_reader(tmp_path):
     index = _index(tmp_path / "imgs", specimens=2, per_specimen=1)
-    build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML)))
+    build_datasets(index, tmp_path / "out", BuildConfig(classes=str(LYMPHOMA_YAML), tasks=TASKS, chat_per_image=8))
     records = [r for p in sorted((tmp_path / "out").glob("instruct_*.jsonl")) for r in read_conversations(p)]
     counts = collections.Counter(r["task"] for r in records)
     per_image = BuildConfig.closed_per_image
-    assert counts == {"caption": 6, "open": 6, "report": 6, "yesno": 6 * per_image, "mc": 6 * per_image}
+    assert counts == {"caption": 6, "open": 6, "report": 6, "yesno": 6 * per_image, "mc": 6 * per_image,
+                      **{t: 6 for t in CHAT_TYPES}}
     report = next(r for r in records if r["task"] == "report" and r["label"] == "MCL")
     assert "cyclin D1" in report["messages"][1]["content"]  # entity needs ancillary confirmation
 

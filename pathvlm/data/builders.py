@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pathvlm.data.classes import ClassInfo, ClassSet, load_class_set
+from pathvlm.data.conversations import CHAT_TYPES, chat_turns, types_for_image
 from pathvlm.data.formats import SLIDE_TOKEN, write_jsonl
 from pathvlm.data.questions import LETTERS, mc_answer, mc_question, yesno_answer, yesno_question
 from pathvlm.errors import ConfigError
@@ -26,7 +27,10 @@ from pathvlm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-TASKS = ("caption", "open", "yesno", "mc", "report")
+# chat question types (pathvlm.data.dialogue) rotate over the images, `chat_per_image` each;
+# caption/open/report are the earlier single-form tasks, still available with --tasks
+TASKS = (*CHAT_TYPES, "yesno", "mc", "caption", "open", "report")
+DEFAULT_TASKS = (*CHAT_TYPES, "yesno", "mc")
 
 
 @dataclass
@@ -41,13 +45,15 @@ class BuildConfig:
     # ("an H&E image of follicular lymphoma."): descriptions alone never name the class, and
     # zero-shot prompts do, so these pairs tie the names to the images
     named_captions: int = 1
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    # chat-type conversations per image, a window rotating over the chat types in `tasks`
+    chat_per_image: int = 5
     # options per multiple-choice question; 0: a random number from 2 to all classes each time, so
     # every question size (and letter) the model may be asked is trained
     mc_options: int = 4
     # yes/no and multiple-choice records per image, each with its own option order or candidate:
     # one per image lets a small LLM score by the prior of a letter or of "yes"
-    closed_per_image: int = 3
+    closed_per_image: int = 2
     # regex whose first match in the specimen id names the case: specimens of one case share a split
     # (e.g. "^sj-\\d+-\\d+" keeps sj-05-6124-R3 and sj-05-6124-R4 together)
     case_pattern: str = ""
@@ -194,14 +200,19 @@ def _closed(task: str, info: ClassInfo, others: list[ClassInfo], cfg: BuildConfi
 
 
 def _instructions(row: IndexRow, info: ClassInfo, classes: ClassSet, cfg: BuildConfig,
-                  rng: random.Random, yes: bool) -> list[dict[str, Any]]:
-    """The chat records for one image: one per open task, `closed_per_image` per closed task."""
+                  rng: random.Random, yes: bool, index: int) -> list[dict[str, Any]]:
+    """The chat records for one image: `chat_per_image` chat types (rotating with `index`), one per
+    other open task, `closed_per_image` per closed task."""
     caption = rng.choice(info.captions)
     others = [c for c in classes.classes if c.label != info.label]
+    chat_types = types_for_image(index, cfg.tasks, cfg.chat_per_image)
     out = []
     for task in cfg.tasks:
         turns: list[tuple[list[dict[str, str]], dict[str, Any]]] = []
-        if task == "caption":
+        if task in CHAT_TYPES:
+            if task in chat_types:
+                turns.append(chat_turns(task, info, classes, rng))
+        elif task == "caption":
             turns.append((_turn(rng.choice(["Describe this image.", "Write a caption for this H&E field.",
                                             "Describe the morphology you see."]), caption), {}))
         elif task == "open":
@@ -256,7 +267,7 @@ def build_datasets(source: str | Path, out_dir: str | Path, cfg: BuildConfig) ->
             pairs[row.split].append({"image": row.image, "text": text, "label": row.label, "split": row.split,
                                      **({"specimen": row.specimen} if row.specimen else {})})
         if cfg.tasks:
-            chats[row.split].extend(_instructions(row, info, classes, cfg, chat_rng, yes=i in yes_for))
+            chats[row.split].extend(_instructions(row, info, classes, cfg, chat_rng, yes=i in yes_for, index=i))
     out_dir = Path(out_dir)
     summary: dict[str, Any] = {"source": str(Path(source).resolve()), "classes": str(Path(cfg.classes).resolve()),
                                "seed": cfg.seed, "splits": {}}

@@ -9,6 +9,8 @@ import yaml
 
 from pathvlm.errors import ConfigError
 
+ADEQUACY = ("Adequate", "Limited", "Inadequate")
+
 
 @dataclass(frozen=True)
 class ClassInfo:
@@ -19,6 +21,13 @@ class ClassInfo:
     captions: tuple[str, ...]
     synonyms: tuple[str, ...] = ()
     confirm: str | None = None  # ancillary tests that an entity assignment needs
+    # aspect (growth_pattern, cell_size, cytology, ...) -> its morphology in the field's vocabulary
+    features: tuple[tuple[str, str], ...] = ()
+    next_steps: str | None = None  # tests worth ordering when no `confirm` panel applies
+    adequacy: str = "Adequate"  # what a field of this class alone says about adequacy
+
+    def feature(self, aspect: str) -> str | None:
+        return dict(self.features).get(aspect)
 
 
 @dataclass(frozen=True)
@@ -66,14 +75,20 @@ def load_class_set(path: str | Path) -> ClassSet:
     for label, entry in data["classes"].items():
         if not isinstance(entry, dict) or not entry.get("name") or not entry.get("captions"):
             raise ConfigError(f"{path}: class {label!r} needs 'name' and a non-empty 'captions' list")
-        unknown = set(entry) - {"name", "captions", "synonyms", "confirm"}
+        unknown = set(entry) - {"name", "captions", "synonyms", "confirm", "features", "next_steps", "adequacy"}
         if unknown:
             raise ConfigError(f"{path}: class {label!r} has unknown key(s) {', '.join(sorted(unknown))}")
+        features = entry.get("features") or {}
+        if not isinstance(features, dict) or not all(isinstance(v, str) for v in features.values()):
+            raise ConfigError(f"{path}: class {label!r}: 'features' must map an aspect to a text")
+        if entry.get("adequacy", "Adequate") not in ADEQUACY:
+            raise ConfigError(f"{path}: class {label!r}: 'adequacy' must be one of {', '.join(ADEQUACY)}")
         classes.append(ClassInfo(
             label=str(label), name=str(entry["name"]),
             captions=tuple(str(c) for c in entry["captions"]),
             synonyms=tuple(str(s) for s in entry.get("synonyms") or ()),
-            confirm=entry.get("confirm"),
+            confirm=entry.get("confirm"), features=tuple((str(k), v) for k, v in features.items()),
+            next_steps=entry.get("next_steps"), adequacy=entry.get("adequacy", "Adequate"),
         ))
     return ClassSet(
         name=str(data.get("name", path.stem)), subject=str(data.get("subject", "tissue")),
