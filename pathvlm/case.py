@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pathvlm.errors import ConfigError
 from pathvlm.reports import ancillary
+from pathvlm.resources import expand_data_path, not_found_message, resolve_resource
 
 ROLES = ("tumor", "lymph_node", "margin", "normal", "other")
 _STAIN = re.compile(r"^(?P<kind>IHC|special)\s*:\s*(?P<what>\S.*)$", re.IGNORECASE)
@@ -177,8 +178,18 @@ def _as_case_error(path: str | Path, data: Any, exc: ValidationError) -> CaseErr
 
 
 def load_case(path: str | Path) -> Case:
-    """Read a YAML/JSON case manifest; relative slide paths resolve against its folder."""
+    """Read a YAML/JSON case manifest (a file or a packaged example: ``pathvlm list cases``).
+
+    Slide paths may start with ``$PATHVLM_DATA/`` (the data folder, see
+    ``pathvlm.resources.data_dir``) or ``$SKIMAGE_DATA/``; other relative paths resolve against
+    the manifest's folder.
+    """
     path = Path(path)
+    if not path.exists():
+        try:
+            path = resolve_resource("cases", path)
+        except ConfigError:
+            raise CaseError(path, "manifest", f"cannot read: {not_found_message('cases')}") from None
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -197,7 +208,11 @@ def load_case(path: str | Path) -> Case:
     except ValidationError as exc:
         raise _as_case_error(path, data, exc) from None
     for i, s in enumerate(case.slides):
-        resolved = s.path if s.path.is_absolute() else (path.parent / s.path).resolve()
+        try:
+            given = expand_data_path(s.path)
+        except ConfigError as exc:
+            raise CaseError(path, f"slides[{i}]", str(exc)) from None
+        resolved = given if given.is_absolute() else (path.parent / given).resolve()
         if not resolved.exists():
             raise CaseError(path, f"slides[{i}] ({s.path})", f"slide file not found: {resolved}")
         s.path = resolved

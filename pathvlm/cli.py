@@ -57,13 +57,34 @@ def _list_projectors() -> list[str]:
     return list_projectors()
 
 
+def _list_models() -> list[str]:
+    from pathvlm.model.loading import list_models
+
+    return list_models()
+
+
+def _packaged(kind: str) -> Callable[[], list[str]]:
+    def rows() -> list[str]:
+        from pathvlm.resources import list_resources, resource_file
+
+        return [f"{name:24s} {resource_file(kind, name)}" for name in list_resources(kind)]
+
+    return rows
+
+
 # registry name -> function returning printable rows; other registries add themselves here
 _LISTERS: dict[str, Callable[[], list[str]]] = {
     "aggregators": _list_aggregators,
     "projectors": _list_projectors,
     "encoders": _list_encoders,
+    "models": _list_models,
     "reports": _list_report_types,
     "stages": _list_stages,
+    # packaged files, usable by name: --prompts NAME, --classes NAME, train -c NAME, load_case(NAME)
+    "prompts": _packaged("prompts"),
+    "classes": _packaged("classes"),
+    "configs": _packaged("configs"),
+    "cases": _packaged("cases"),
 }
 
 
@@ -131,7 +152,8 @@ def _train_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="pathvlm train", description="train a stage on the shared accelerate loop")
     p.add_argument("stage", choices=list_stages(), help="which stage to train")
-    p.add_argument("-c", "--config", help="stage config YAML (configs/train/*.yaml)")
+    p.add_argument("-c", "--config", help="stage config: a YAML file or a packaged name "
+                   "(pathvlm list configs, e.g. clip_demo)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return p
 
@@ -164,7 +186,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     b = data_sub.add_parser("build", help="labelled folder or index CSV + class YAML -> pairs/instruction JSONL")
     b.add_argument("source", help="index CSV (path,label[,specimen][,split]) or a folder of <label>/<image>")
-    b.add_argument("--classes", required=True, help="class description YAML (configs/classes/*.yaml)")
+    b.add_argument("--classes", required=True, help="class description YAML, or a packaged name (pathvlm list classes, e.g. lymphoma)")
     b.add_argument("-o", "--out", required=True, help="output folder")
     b.add_argument("--val-fraction", type=float, default=0.2, help="when the index has no split column")
     b.add_argument("--seed", type=int, default=0)
@@ -220,7 +242,8 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, slides or .h5 feature files")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--classes", help='comma-separated class names, e.g. "tumour,stroma,fat"')
-    group.add_argument("--prompts", help="CONCH-style prompt file (configs/prompts/*.json)")
+    group.add_argument("--prompts", help="CONCH-style prompt file, or a packaged name "
+                       "(pathvlm list prompts, e.g. crc_tissue)")
     p.add_argument("--model", default=DEFAULT_EVAL_MODEL,
                    help="model name/dir for load_model, or encoder:<encoder name> for a bare encoder")
     p.add_argument("--top-k", type=int, default=10, help="tiles pooled per class for slide predictions")
@@ -270,7 +293,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     zs = tasks.add_parser("zeroshot", help="zero-shot classification of a labelled image set")
     _eval_common(zs)
-    zs.add_argument("--prompts", help="prompt file; sub-folder names match its class keys or synonyms")
+    zs.add_argument("--prompts", help="prompt file or packaged name; sub-folder names match its class "
+                    "keys or synonyms")
     zs.add_argument("--classes", help="comma-separated class names (when no prompt file)")
     zs.add_argument("--all-classes", action="store_true",
                     help="let every prompt class compete, not only those present in the data")
@@ -292,7 +316,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         lp.set_defaults(func=_cmd_eval_probe)
     vqa = tasks.add_parser("vqa", help="closed-form VQA (multiple choice in several orders, yes/no)")
     _eval_common(vqa)
-    vqa.add_argument("--prompts", help="prompt file: class display names come from its first synonyms")
+    vqa.add_argument("--prompts", help="prompt file or packaged name: class display names come from its "
+                     "first synonyms")
     vqa.add_argument("--n-orders", type=int, default=3, help="option orders per multiple-choice question")
     vqa.add_argument("--max-new-tokens", type=int, default=40)
     vqa.add_argument("--limit", type=int, help="only the first N images")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pathvlm.errors import ConfigError, ModelError, PathVLMError, SlideError
+from pathvlm.resources import resolve_resource
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,11 @@ class PromptSet:
 
 
 def load_prompts(path: str | Path) -> PromptSet:
-    """Read a CONCH-style prompt file: ``{"classes": {key: [synonyms]}, "templates": [...]}``."""
-    path = Path(path)
+    """Read a CONCH-style prompt file: ``{"classes": {key: [synonyms]}, "templates": [...]}``.
+
+    ``path`` is a file or a packaged prompt set's name (``"crc_tissue"``; ``pathvlm list prompts``).
+    """
+    path = resolve_resource("prompts", path)
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
@@ -279,7 +283,7 @@ class ZeroShotClassifier:
         model: a PathVLM (its ``.encoder`` is used) or a PatchEncoder with a text tower.
         classes: class names, a dict class -> synonyms, or a prompt-file path.
         templates: prompt templates with one ``{}``; defaults to a pathology set.
-        prompts: a prompt-file path, a PromptSet or a dict (``classes`` + ``templates``); overrides
+        prompts: a prompt-file path or packaged name (``"crc_tissue"``), a PromptSet or a dict (``classes`` + ``templates``); overrides
             ``classes``.
         transform: PIL -> [3, H, W]; defaults to the model's own preprocessing.
         batch_size: images per forward pass.
@@ -307,7 +311,9 @@ class ZeroShotClassifier:
                     prompts["classes"], prompts.get("templates") or templates
                 )
             else:
-                self.prompt_set = make_prompt_set(Path(prompts), templates)
+                loaded = load_prompts(prompts)
+                self.prompt_set = (PromptSet(loaded.classes, list(templates), loaded.source)
+                                   if templates else loaded)
         elif classes is not None:
             self.prompt_set = make_prompt_set(classes, templates)
         else:

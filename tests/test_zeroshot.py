@@ -203,7 +203,7 @@ def test_shipped_prompt_files(name, codes):
 
 
 def test_prompt_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="missing.json: no such file, and not a packaged prompt set"):
         load_prompts(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"classes": {"a": ["x"], "b": ["y"]}, "templates": ["no slot"]}))

@@ -1,4 +1,4 @@
-"""Class descriptions (configs/classes/*.yaml): names, caption variants and zero-shot prompts."""
+"""Class descriptions (pathvlm/configs/classes/*.yaml): names, caption variants and zero-shot prompts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from pathvlm.errors import ConfigError
+from pathvlm.resources import resolve_resource
 
 ADEQUACY = ("Adequate", "Limited", "Inadequate")
 
@@ -58,8 +59,11 @@ class ClassSet:
 
 
 def load_class_set(path: str | Path) -> ClassSet:
-    """Read a class description YAML; missing fields or empty caption lists raise ConfigError."""
-    path = Path(path)
+    """Read a class description YAML (a file or a packaged name: ``pathvlm list classes``).
+
+    Missing fields or empty caption lists raise ConfigError.
+    """
+    path = resolve_resource("classes", path)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:

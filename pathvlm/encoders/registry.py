@@ -25,6 +25,7 @@ from pathvlm.encoders.patch_encoder import (
     build_clip,
 )
 from pathvlm.errors import ModelError
+from pathvlm.resources import demo_weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ register_encoder(
     )
 )
 # the trained encoder shipped inside the package (pathvlm.load_model("demo") uses it; MODEL_CARD.md)
-DEMO_ENCODER_DIR = Path(__file__).resolve().parent.parent / "model" / "weights" / "demo" / "encoder"
+DEMO_ENCODER_DIR = demo_weights_dir() / "encoder"
 register_encoder(
     EncoderEntry(
         name="pathvlm-demo",

@@ -28,6 +28,7 @@ from pathvlm.errors import ConfigError
 from pathvlm.eval.common import ImageSequence, Perturbation
 from pathvlm.eval.datasets import load_dataset, match_classes
 from pathvlm.eval.report import write_report
+from pathvlm.resources import resolve_resource
 from pathvlm.zeroshot import make_prompt_set
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class ChatModel(Protocol):
 class VQAConfig:
     """Options of a closed-form VQA evaluation."""
 
-    prompts: str | None = None  # prompt file: the first synonym of a class is its display name
+    prompts: str | None = None  # prompt file or packaged name: the first synonym of a class is its display name
     split: str | None = None
     n_orders: int = 3  # option orders per multiple-choice question
     max_new_tokens: int = 40  # answers name the class before the letter or yes/no
@@ -69,7 +70,7 @@ def run_vqa_eval(
     if cfg.limit:
         data = data.subset(list(range(min(cfg.limit, len(data)))))
     if cfg.prompts:
-        prompt_set = make_prompt_set(Path(cfg.prompts))
+        prompt_set = make_prompt_set(resolve_resource("prompts", cfg.prompts))
         label_map = match_classes(data.labels, prompt_set)
         names = {lab: prompt_set.classes[key][0] for lab, key in label_map.items()}
     else:

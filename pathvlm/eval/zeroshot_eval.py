@@ -14,6 +14,7 @@ from pathvlm.eval.common import EvalModel, ImageSequence, Perturbation
 from pathvlm.eval.datasets import LabeledDataset, load_dataset, match_classes
 from pathvlm.eval.metrics import classification_metrics, metric_cis, save_confusion_png
 from pathvlm.eval.report import output_paths, write_report
+from pathvlm.resources import resolve_resource
 from pathvlm.zeroshot import PromptSet, ZeroShotClassifier, make_prompt_set
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 class ZeroShotEvalConfig:
     """Options of a zero-shot evaluation (see `pathvlm eval zeroshot --help`)."""
 
-    prompts: str | None = None  # prompt file; else `classes`; else the data's labels
+    prompts: str | None = None  # prompt file or packaged name; else `classes`; else the data's labels
     classes: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)
     all_classes: bool = False  # let every prompt class compete, not only those in the data
@@ -37,7 +38,7 @@ class ZeroShotEvalConfig:
 
 def build_prompt_set(cfg: ZeroShotEvalConfig, data: LabeledDataset) -> PromptSet:
     if cfg.prompts:
-        return make_prompt_set(Path(cfg.prompts), cfg.templates or None)
+        return make_prompt_set(resolve_resource("prompts", cfg.prompts), cfg.templates or None)
     return make_prompt_set(cfg.classes or data.classes, cfg.templates or None)
 
 

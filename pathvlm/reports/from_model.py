@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pathvlm.errors import ConfigError, ModelError
+from pathvlm.errors import ModelError
 from pathvlm.reports.fields import FieldSpec
 from pathvlm.reports.findings import ImageFindings, SlideFindings
+from pathvlm.resources import resolve_resource, resource_file
 
 if TYPE_CHECKING:
     from pathvlm.case import Case
@@ -28,15 +29,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "configs" / "prompts"
-
 
 @dataclass
 class FindingsConfig:
     """How findings are taken from the model.
 
     Attributes:
-        tissue_prompts, entity_prompts: prompt files (None: configs/prompts/{crc_tissue,lymphoma}).
+        tissue_prompts, entity_prompts: prompt files or packaged names (None: crc_tissue, lymphoma).
         top_k: tiles pooled per entity for the slide-level entity probabilities (MI-Zero).
         n_top_tiles: attention tiles kept per slide; n_class_tiles: tiles kept per class.
         constrained: let the LLM choose among allowed values for fields without a heuristic.
@@ -55,10 +54,8 @@ class FindingsConfig:
 
 
 def _prompt_file(given: str | Path | None, default: str) -> Path:
-    path = Path(given) if given else PROMPTS_DIR / default
-    if not path.is_file():
-        raise ConfigError(f"{path}: prompt file not found (pass tissue_prompts/entity_prompts)")
-    return path
+    # the default is always the packaged set, never a same-named file in the working directory
+    return resolve_resource("prompts", given) if given else resource_file("prompts", default)
 
 
 def _top_coords(coords: np.ndarray, scores: np.ndarray, n: int) -> list[tuple[int, int]]:
@@ -87,10 +84,10 @@ class ReportDrafter:
         from pathvlm.zeroshot import ZeroShotClassifier
 
         self.tissue = ZeroShotClassifier(model, prompts=_prompt_file(self.cfg.tissue_prompts,
-                                                                    "crc_tissue.json"),
+                                                                    "crc_tissue"),
                                          top_k=self.cfg.top_k, progress=False)
         self.entities = ZeroShotClassifier(model, prompts=_prompt_file(self.cfg.entity_prompts,
-                                                                      "lymphoma.json"),
+                                                                      "lymphoma"),
                                            top_k=self.cfg.top_k, progress=False)
 
     # -- findings ---------------------------------------------------------------------------

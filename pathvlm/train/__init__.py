@@ -2,7 +2,7 @@
 
 Adding a stage: a `*StageConfig` dataclass with `train: TrainConfig` and `optim: OptimConfig`
 sections plus its own, a class satisfying `loop.Task`, one `_STAGES` entry and a
-`configs/train/<stage>_*.yaml`; the CLI, checkpoints and run directory come free.
+`pathvlm/configs/train/<stage>_*.yaml`; the CLI, checkpoints and run directory come free.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pathvlm.config import load_config
 from pathvlm.errors import ConfigError
+from pathvlm.resources import resolve_resource
 from pathvlm.train.config import (
     AugmentConfig,
     ClipStageConfig,
@@ -44,8 +45,11 @@ def list_stages() -> list[str]:
 
 
 def load_stage_config(stage: str, path: str | Path | None = None, overrides: Iterable[str] = ()):
+    """Stage defaults -> YAML (a file or a packaged name, ``pathvlm list configs``) -> overrides."""
     if stage not in _STAGES:
         raise ConfigError(f"unknown training stage {stage!r} (choose from {', '.join(_STAGES)})")
+    if path is not None:
+        path = resolve_resource("configs", path)
     return load_config(_resolve(_STAGES[stage][0]), path, overrides)
 
 

@@ -68,7 +68,7 @@ class AugmentConfig:
 class ClipDataConfig:
     train: str = ""  # pairs JSONL with "image"
     val: str = ""  # pairs JSONL with "image" and "label" (zero-shot eval); "" = no eval
-    classes: str = ""  # class description YAML for zero-shot prompts
+    classes: str = ""  # class description YAML or packaged name (pathvlm list classes)
 
 
 @dataclass

@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from pathvlm.errors import ConfigError
+from pathvlm.resources import resource_file
 
 log = logging.getLogger(__name__)
 
 REPORT_KINDS = ("colorectal_resection", "colorectal_biopsy", "lymphoma")
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "configs" / "prompts"
-PRESETS = {"colorectal tissue": "crc_tissue.json", "lymphoma": "lymphoma.json"}
+PRESETS = {"colorectal tissue": "crc_tissue", "lymphoma": "lymphoma"}  # label -> packaged prompt set
 
 
 def preset_path(name: str) -> Path:
-    return PROMPTS_DIR / PRESETS[name]
+    return resource_file("prompts", PRESETS[name])
 
 
 def clinical_from_form(kind: str, procedure: str | None, site: str | None, size_cm: float | None,
