@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from pathvlm import __version__
 from pathvlm.errors import PathVLMError
@@ -29,7 +32,8 @@ def _list_encoders() -> list[str]:
     rows = []
     for entry in list_encoders(details=True):
         gated = "gated" if entry.gated else "open"
-        rows.append(f"{entry.name:32s} {entry.license:28s} {gated:6s} {entry.description}")
+        note = "random weights (seeded): " if entry.random_weights else ""
+        rows.append(f"{entry.name:32s} {entry.license:28s} {gated:6s} {note}{entry.description}")
     return rows
 
 
@@ -120,9 +124,10 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder for feature files")
     p.add_argument("--encoder", default=d.encoder,
                    help="registered name (pathvlm list encoders), openclip:<arch>[@ckpt], local-dir:<dir>, "
-                   "checkpoint file or hf-hub:<org/repo>")
-    p.add_argument("--mpp", type=float, default=d.mpp, help="tile resolution in um/px")
-    p.add_argument("--size", type=int, default=d.size, help="tile size in pixels")
+                   f"checkpoint file or hf-hub:<org/repo> (default: the default model's, {d.encoder})")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="tile resolution in um/px (default: the encoder's tile scale, else 0.5)")
+    p.add_argument("--size", type=int, default=None, help="tile size in pixels (default: the encoder's input)")
     p.add_argument("--slide-mpp", type=float, default=None, help="um/px of files that do not record it")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="tile-reading processes")
@@ -587,6 +592,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# environment that keeps transformers and huggingface_hub quiet when they are imported later
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+@contextmanager
+def _quiet_libraries(verbose: bool) -> Iterator[None]:
+    """While one command runs: no library FutureWarnings, no transformers weight-loading report
+    table or progress bars (unless ``-v``). Everything is restored afterwards, so calling `main`
+    in-process leaves no global filters behind."""
+    if verbose:
+        yield
+        return
+    saved_env = {key: os.environ.get(key) for key in _QUIET_ENV}
+    os.environ.update(_QUIET_ENV)  # read by transformers / huggingface_hub when first imported
+    tf_logging = sys.modules.get("transformers.utils.logging")
+    before = (tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()) if tf_logging else None
+    if tf_logging is not None:  # imported already: the environment is read, use its switches
+        tf_logging.set_verbosity_error()
+        tf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        tf_logging = sys.modules.get("transformers.utils.logging")
+        if tf_logging is not None and before is not None:
+            tf_logging.set_verbosity(before[0])
+            (tf_logging.enable_progress_bar if before[1] else tf_logging.disable_progress_bar)()
+        elif tf_logging is not None:  # imported during the command: back to what the environment says
+            # (its progress bars stay off: huggingface_hub fixed that switch when it was imported)
+            level = os.environ.get("TRANSFORMERS_VERBOSITY", "warning")
+            tf_logging.set_verbosity(tf_logging.log_levels.get(level, logging.WARNING))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -598,7 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        with _quiet_libraries(args.verbose):
+            return int(args.func(args) or 0)
     except PathVLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -23,10 +23,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pathvlm.config import from_dict
+from pathvlm.encoders.registry import DEFAULT_ENCODER
 from pathvlm.errors import ConfigError, PathVLMError, SlideError
 from pathvlm.features import FeatureBag, is_complete, write_features
 
 log = logging.getLogger(__name__)
+
+DEFAULT_TILE_MPP = 0.5  # tile scale for an encoder that records none
 
 SLIDE_SUFFIXES = {
     ".svs",
@@ -50,9 +53,9 @@ SLIDE_SUFFIXES = {
 class EmbedConfig:
     """Settings of an embedding run (the CLI fills it; library callers build it directly)."""
 
-    encoder: str = "openclip:pathvlm-vit-s-minilm"
-    mpp: float = 0.5  # target micrometres per pixel of each tile
-    size: int = 224  # tile size in output pixels
+    encoder: str = DEFAULT_ENCODER  # the default model's encoder
+    mpp: float | None = None  # um/px of each tile; None: the encoder's tile_mpp, else 0.5
+    size: int | None = None  # tile side in output pixels; None: the encoder's input size
     slide_mpp: float | None = None  # resolution for files that do not record one
     batch_size: int = 64
     num_workers: int = 2
@@ -443,6 +446,34 @@ def _resume_key(slide_path: Path, encoder: Any, tile_cfg: Any, tissue_cfg: Any) 
     }
 
 
+def _complete_by_record(
+    slides: Sequence[Path], out_dir: Path, cfg: EmbedConfig, tissue_cfg: Any
+) -> list[Path] | None:
+    """Every slide's feature file when all are complete for the encoder as its saved config
+    records it, else None. A re-run of a finished batch then never builds the encoder (its
+    start-up dominates a small slide). Only files newer than every encoder file count, so
+    weights replaced under an unchanged config are never mistaken for the recorded ones."""
+    from pathvlm.encoders.registry import read_encoder_record
+    from pathvlm.slide import TileConfig
+
+    record = read_encoder_record(cfg.encoder)
+    if record is None or not slides or len({p.stem for p in slides}) != len(slides):
+        return None
+    mpp = cfg.mpp or record.tile_mpp or DEFAULT_TILE_MPP
+    tile_cfg = from_dict(TileConfig, {**cfg.tile, "mpp": mpp, "size": cfg.size or record.input_size},
+                         prefix="tile")
+    newest = record.newest_mtime_ns()
+    outs = []
+    for slide_path in slides:
+        out_path = out_dir / f"{slide_path.stem}.h5"
+        if not (slide_path.is_file() and out_path.is_file()) or out_path.stat().st_mtime_ns <= newest:
+            return None
+        if not is_complete(out_path, _resume_key(slide_path, record, tile_cfg, tissue_cfg)):
+            return None
+        outs.append(out_path)
+    return outs
+
+
 def embed_slides(
     inputs: Iterable[str | Path],
     out_dir: str | Path,
@@ -462,15 +493,27 @@ def embed_slides(
     """
     from tqdm.auto import tqdm
 
-    from pathvlm.encoders import create_encoder
+    from pathvlm.encoders import create_encoder, input_size
     from pathvlm.slide import TileConfig, TissueConfig, open_slide
 
     cfg = cfg or EmbedConfig()
     out_dir = Path(out_dir)
     slides = select_shard(collect_slides(inputs), cfg.shard)
-    encoder, transform = encoder_and_transform or create_encoder(cfg.encoder, device=cfg.device)
     tissue_cfg = from_dict(TissueConfig, cfg.tissue, prefix="tissue")
-    tile_cfg = from_dict(TileConfig, {**cfg.tile, "mpp": cfg.mpp, "size": cfg.size}, prefix="tile")
+    if encoder_and_transform is None:
+        done = _complete_by_record(slides, out_dir, cfg, tissue_cfg)
+        if done is not None:
+            log.info("all %d slides complete for %s, skipped", len(done), cfg.encoder)
+            return EmbedResult(skipped=done)
+    encoder, transform = encoder_and_transform or create_encoder(cfg.encoder, device=cfg.device)
+    if getattr(encoder, "random_weights", False):
+        log.warning("encoder %s has random weights (seeded, for tests and benchmarks): its features "
+                    "carry no tissue information", encoder.name)
+    mpp = cfg.mpp or getattr(encoder, "tile_mpp", None) or DEFAULT_TILE_MPP
+    size = cfg.size or input_size(encoder)
+    log.info("encoder %s (weights %s): %d px tiles at %g um/px", encoder.name, encoder.weights_hash,
+             size, mpp)
+    tile_cfg = from_dict(TileConfig, {**cfg.tile, "mpp": mpp, "size": size}, prefix="tile")
     result = EmbedResult()
     seen: dict[str, Path] = {}
     for slide_path in tqdm(slides, desc="slides", unit="slide", disable=not cfg.progress):

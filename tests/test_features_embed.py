@@ -173,7 +173,11 @@ def test_resume_skips_complete_and_redoes_other_weights(wsi_dir, tmp_path, tiny)
     assert again.skipped == [out] and not again.written and out.stat().st_mtime_ns == mtime
     from pathvlm.encoders import create_encoder
 
-    other = create_encoder(TINY, device="cpu")  # fresh random weights -> different hash
+    other = create_encoder(TINY, device="cpu")  # same seeded init: change a weight -> new hash
+    with torch.no_grad():
+        next(other[0].parameters()).add_(1.0)
+    other[0].refresh_hash()
+    assert other[0].weights_hash != tiny[0].weights_hash
     redo = embed_slides([svs], tmp_path, EmbedConfig(**FAST), encoder_and_transform=other)
     assert (
         redo.written == [out]

@@ -85,6 +85,9 @@ class PatchEncoder(nn.Module):
         stain_norm: a `pathvlm.stain.StainReference` (Macenko) or `LabReference` (Reinhard) that
             every image is normalised to before the transform, or None; saved in the config's
             ``pathvlm`` section.
+        tile_mpp: the um/px of the tiles it was trained on (None: not recorded); plain images
+            given with their own pixel size are resampled to it. Saved in the ``pathvlm`` section.
+        random_weights: built from a seeded random init (tests and benchmarks only).
     """
 
     def __init__(
@@ -107,6 +110,8 @@ class PatchEncoder(nn.Module):
         self._tokenizer = None
         self.weights_hash = state_dict_hash(self.model.state_dict())
         self.stain_norm: StainReference | LabReference | None = None
+        self.tile_mpp: float | None = None
+        self.random_weights = False
 
     def refresh_hash(self) -> str:
         """Recompute ``weights_hash`` from the weights and the stain reference (both change the
@@ -179,6 +184,8 @@ class PatchEncoder(nn.Module):
             meta["text_transformer_from"] = self.model_cfg["text_cfg"]["hf_model_name"]
         if self.stain_norm is not None:  # not in preprocess_cfg: open_clip rejects unknown keys
             meta["stain_norm"] = self.stain_norm.to_dict()
+        if self.tile_mpp is not None:
+            meta["tile_mpp"] = float(self.tile_mpp)
         config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg, "pathvlm": meta}
         (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         save_file(tensors, str(out_dir / WEIGHTS_NAME))

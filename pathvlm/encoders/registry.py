@@ -1,6 +1,7 @@
 """Encoder registry and `create_encoder`: every way of naming a patch encoder resolves here.
 
-Accepted names: a registered name (see `list_encoders`), `openclip:<arch>` (random init),
+Accepted names: a registered name (see `list_encoders`), `openclip:<arch>` (random weights, seeded
+per architecture so every process builds the same ones and cached features of it resume),
 `openclip:<arch>@<checkpoint>`, `local-dir:<dir>` (as written by `PatchEncoder.save`), a path to a
 checkpoint file (with an `open_clip_config.json` beside it), and `hf-hub:<org/repo>` (needs internet).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pathvlm.encoders.archs import PROJECT_ARCHS, get_arch_config
+from pathvlm.encoders.archs import PROJECT_ARCHS, get_arch_config, resolve_hf_name
 from pathvlm.encoders.patch_encoder import (
     CONFIG_NAME,
     PACKAGE_TEXT_PREFIX,
@@ -43,6 +45,7 @@ class EncoderEntry:
     description: str
     has_text: bool = True
     needs_internet: bool = False
+    random_weights: bool = False  # a seeded random init: for tests and benchmarks, never for use
 
 
 _REGISTRY: dict[str, EncoderEntry] = {}
@@ -61,7 +64,8 @@ register_encoder(
         spec="openclip:pathvlm-tiny",
         license="Apache-2.0",
         gated=False,
-        description="tiny random ViT (width 32, 2 layers, 32 px) + tiny text tower, for tests",
+        description="tiny ViT (width 32, 2 layers, 32 px) + tiny text tower, for tests",
+        random_weights=True,
     )
 )
 register_encoder(
@@ -70,7 +74,9 @@ register_encoder(
         spec="openclip:pathvlm-vit-s-minilm",
         license="Apache-2.0",
         gated=False,
-        description="CPU-sized ViT-S/16 224 px (random init) + all-MiniLM-L6-v2 text tower (local weights)",
+        description="CPU-sized ViT-S/16 224 px + all-MiniLM-L6-v2 text tower (local weights), for "
+        "benchmarks",
+        random_weights=True,
     )
 )
 # the trained encoder shipped inside the package (pathvlm.load_model("demo") uses it; MODEL_CARD.md)
@@ -85,6 +91,9 @@ register_encoder(
         "lymphoma train splits, frozen all-MiniLM-L6-v2 text tower + trained projection",
     )
 )
+# the default model's encoder: what `pathvlm embed` uses when no encoder is named (a test checks
+# that it is the encoder in the default model's config.yaml)
+DEFAULT_ENCODER = "pathvlm-demo"
 register_encoder(
     EncoderEntry(
         name="quiltnet-b-32",
@@ -244,6 +253,11 @@ def _from_config_and_weights(
     encoder = PatchEncoder(name, model, model_cfg, preprocess, vision_only=vision_only)
     if meta.get("stain_norm") is not None:
         encoder.stain_norm = stain_reference_from_dict(meta["stain_norm"], f"{config_path}: stain_norm")
+    if meta.get("tile_mpp") is not None:
+        tile_mpp = meta["tile_mpp"]
+        if isinstance(tile_mpp, bool) or not isinstance(tile_mpp, (int, float)) or not tile_mpp > 0:
+            raise ModelError(f"{config_path}: pathvlm.tile_mpp must be a positive number, got {tile_mpp!r}")
+        encoder.tile_mpp = float(tile_mpp)
         encoder.refresh_hash()
     if weights_path is not None:
         state = _load_state_dict(weights_path)
@@ -265,6 +279,47 @@ def encoder_hash(encoder: PatchEncoder) -> str:
     return encoder.refresh_hash()
 
 
+@dataclass(frozen=True)
+class EncoderRecord:
+    """What a saved encoder's config says about it, read without building the model."""
+
+    name: str
+    weights_hash: str  # as recorded when it was saved
+    tile_mpp: float | None
+    input_size: int
+    files: tuple[Path, ...]  # config, weights and package text weights the record stands for
+
+    def newest_mtime_ns(self) -> int:
+        """When any of its files last changed: a record is only as new as that."""
+        return max(f.stat().st_mtime_ns for f in self.files)
+
+
+def read_encoder_record(name: str) -> EncoderRecord | None:
+    """The record of a ``local-dir:`` encoder (or a registered one), or None when there is none
+    (random weights, hub repos, a config that records no hash). Cheap: nothing is imported or
+    built, so a resume check can skip finished slides before paying for the encoder."""
+    spec = _REGISTRY[name].spec if name in _REGISTRY else name
+    if not spec.startswith("local-dir:"):
+        return None
+    folder = Path(spec[len("local-dir:") :])
+    weights = _find_weights(folder)
+    if weights is None or not (folder / CONFIG_NAME).is_file():
+        return None
+    model_cfg, preprocess, meta = _read_config_file(folder / CONFIG_NAME)
+    if not meta.get("weights_hash"):
+        return None
+    files = [folder / CONFIG_NAME, weights]
+    if meta.get("text_transformer_from"):  # the frozen text tower's weights come from its package
+        local = Path(resolve_hf_name(meta["text_transformer_from"]))
+        if not local.is_dir():
+            return None
+        files += sorted(p for p in local.iterdir() if p.suffix in (".safetensors", ".bin"))
+    size = preprocess.get("size", 224)
+    tile_mpp = meta.get("tile_mpp")
+    return EncoderRecord(name, str(meta["weights_hash"]), float(tile_mpp) if tile_mpp else None,
+                         int(size if isinstance(size, int) else size[0]), tuple(files))
+
+
 def _find_weights(folder: Path) -> Path | None:
     for candidate in (WEIGHTS_NAME, "open_clip_pytorch_model.bin", "model.safetensors"):
         if (folder / candidate).is_file():
@@ -272,7 +327,14 @@ def _find_weights(folder: Path) -> Path | None:
     return None
 
 
-def _create_openclip(name: str, spec: str, vision_only: bool) -> tuple[PatchEncoder, Transform]:
+def random_init_seed(arch: str) -> int:
+    """The seed a random-weights architecture is built with: fixed per name, so its weights (and
+    weights hash) are the same in every process."""
+    return zlib.crc32(arch.encode())
+
+
+def _create_openclip(name: str, spec: str, vision_only: bool,
+                     init_seed: int | None = None) -> tuple[PatchEncoder, Transform]:
     arch, _, checkpoint = spec.partition("@")
     model_cfg = get_arch_config(arch)
     if model_cfg is None:
@@ -281,8 +343,12 @@ def _create_openclip(name: str, spec: str, vision_only: bool) -> tuple[PatchEnco
             f"(project archs: {', '.join(PROJECT_ARCHS)}; or any open_clip.list_models())"
         )
     preprocess = _default_preprocess(model_cfg)
-    model = build_clip(model_cfg, pretrained_text=not checkpoint)
+    # the caller's RNG stream is left as it was (training seeds its own)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random_init_seed(arch) if init_seed is None else init_seed)
+        model = build_clip(model_cfg, pretrained_text=not checkpoint)
     encoder = PatchEncoder(name, model, model_cfg, preprocess, vision_only=vision_only)
+    encoder.random_weights = not checkpoint
     if checkpoint:
         load_weights_strict(encoder.model, _load_state_dict(Path(checkpoint)), checkpoint)
         encoder.weights_hash = encoder_hash(encoder)
@@ -306,7 +372,8 @@ def _create_hf_hub(name: str, repo: str, vision_only: bool) -> tuple[PatchEncode
 
 
 def create_encoder(
-    name: str, device: str | torch.device | None = None, vision_only: bool = False
+    name: str, device: str | torch.device | None = None, vision_only: bool = False,
+    init_seed: int | None = None,
 ) -> tuple[PatchEncoder, Transform]:
     """Build a patch encoder and its eval transform (PIL image -> [3, H, W] tensor).
 
@@ -315,13 +382,15 @@ def create_encoder(
             a checkpoint file path, or ``hf-hub:<org/repo>``.
         device: where to put it; None means CUDA when available, else CPU.
         vision_only: drop the text tower (less memory; ``encode_text`` then raises ModelError).
+        init_seed: seed of a random-weights architecture (training passes its own); None: fixed
+            per architecture (`random_init_seed`), so every process builds the same weights.
 
     Returns:
         (encoder in eval mode, transform)
     """
     spec = _REGISTRY[name].spec if name in _REGISTRY else name
     if spec.startswith("openclip:"):
-        encoder, transform = _create_openclip(name, spec[len("openclip:") :], vision_only)
+        encoder, transform = _create_openclip(name, spec[len("openclip:") :], vision_only, init_seed)
     elif spec.startswith("local-dir:"):
         folder = Path(spec[len("local-dir:") :])
         if not (folder / CONFIG_NAME).is_file():

@@ -57,6 +57,7 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
     clip, _ = create_encoder(spec, device="cpu")
     if out_dir.exists():
         shutil.rmtree(out_dir)
+    clip.tile_mpp = float(tile_mpp)  # recorded with the encoder, so a bare encoder knows its scale
     clip.save(out_dir / "encoder", omit_package_text=True)
     encoder_name = "pathvlm-demo" if out_dir.resolve() == DEMO_DIR else f"local-dir:{out_dir / 'encoder'}"
     if vlm_run is not None:

@@ -136,7 +136,9 @@ class ClipTask:
         if not cfg.data.train:
             raise ConfigError("clip stage needs data.train (a pairs JSONL with image paths)")
         self.cfg = cfg
-        self.encoder, self.eval_transform = create_encoder(cfg.model.encoder, device="cpu")
+        # random-init towers start from the run's seed, not the fixed per-architecture one
+        self.encoder, self.eval_transform = create_encoder(cfg.model.encoder, device="cpu",
+                                                           init_seed=cfg.train.seed)
         if not self.encoder.has_text:
             raise ModelError(f"encoder {cfg.model.encoder} has no text tower; the clip stage needs one")
         self.model = self.encoder.model
