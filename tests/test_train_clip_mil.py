@@ -34,8 +34,8 @@ def _initial_tiny_state() -> dict[str, torch.Tensor]:
 
     from pathvlm.encoders import create_encoder
 
-    set_seed(0)  # the loop seeds before it builds the task
-    encoder, _ = create_encoder("openclip:pathvlm-tiny", device="cpu")
+    set_seed(0)  # the loop seeds before it builds the task, and the task inits with that seed
+    encoder, _ = create_encoder("openclip:pathvlm-tiny", device="cpu", init_seed=0)
     return {k: v.clone() for k, v in encoder.model.state_dict().items()}
 
 
