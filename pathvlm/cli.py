@@ -43,6 +43,12 @@ def _list_report_types() -> list[str]:
     return [f"{name:24s} {get_report_type(name).title}" for name in list_report_types()]
 
 
+def _list_heads() -> list[str]:
+    from pathvlm.scoring import HEADS
+
+    return [f"{h.name:18s} {h.description}" for h in HEADS.values()]
+
+
 def _list_stages() -> list[str]:
     from pathvlm.train import list_stages
 
@@ -81,6 +87,7 @@ _LISTERS: dict[str, Callable[[], list[str]]] = {
     "aggregators": _list_aggregators,
     "projectors": _list_projectors,
     "encoders": _list_encoders,
+    "heads": _list_heads,
     "models": _list_models,
     "reports": _list_report_types,
     "stages": _list_stages,
@@ -565,6 +572,47 @@ def _cmd_eval_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    import os
+
+    p = sub.add_parser("calibrate", help="fit the calibration of a model's image-decided report "
+                       "fields on the val split; writes calibration.json beside its weights")
+    p.add_argument("--model", default="demo", help="run directory or registered model name")
+    p.add_argument("--data", default=os.environ.get("PATHVLM_DATA", "../shared/data"),
+                   help="data root with lymphoma_nia/, crc_tiles/, pcam/ (default: $PATHVLM_DATA "
+                   "or ../shared/data)")
+    p.add_argument("--out", help="calibration file to write (default: <model dir>/calibration.json)")
+    p.add_argument("--target-precision", type=float, default=0.9,
+                   help="selective precision the report threshold is chosen for")
+    p.add_argument("--heads", help="comma-separated heads (default: all; pathvlm list heads)")
+    p.add_argument("--limit", type=int, help="only N val images per data set (quick check)")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pathvlm.calibration import FILE_NAME
+    from pathvlm.errors import ConfigError
+    from pathvlm.eval.calibrate import fit_calibration, markdown_table
+    from pathvlm.model import load_model
+
+    if not 0.0 < args.target_precision <= 1.0:
+        raise ConfigError(f"--target-precision must be in (0, 1], got {args.target_precision}")
+    model = load_model(args.model)
+    out = Path(args.out) if args.out else (Path(model.run_dir) / FILE_NAME if model.run_dir
+                                           else None)
+    if out is None:
+        raise ConfigError("pass --out: this model has no run directory")
+    heads = [h.strip() for h in args.heads.split(",")] if args.heads else None
+    cal = fit_calibration(model, args.data, heads, args.target_precision, args.limit,
+                          progress=not args.quiet)
+    cal.save(out)
+    print(markdown_table(cal), end="")
+    print(f"wrote {out} ({cal.meta['seconds']:.0f} s)")
+    return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_list,
     _add_schema,
@@ -577,6 +625,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_eval,
     _add_ask,
     _add_report,
+    _add_calibrate,
 ]
 
 

@@ -171,6 +171,19 @@ def encode_prompt_set(encoder: Any, prompt_set: PromptSet) -> torch.Tensor:
     return class_emb
 
 
+def seed_prompt_embeddings(encoder: Any, prompt_set: PromptSet, class_emb: Any) -> None:
+    """Put stored [C, D] class embeddings (e.g. from a calibration file fitted with this encoder
+    and prompt set) into the cache, so the text tower need not run at load."""
+    emb = torch.as_tensor(np.asarray(class_emb, dtype=np.float32))
+    if emb.shape[0] != len(prompt_set.names):
+        raise ModelError(f"stored prompt embeddings have {emb.shape[0]} rows, the prompt set "
+                         f"{len(prompt_set.names)} classes")
+    key = (str(getattr(encoder, "name", id(encoder))),
+           str(getattr(encoder, "weights_hash", id(encoder))), _param_versions(encoder),
+           prompt_set.digest())
+    _TEXT_CACHE.setdefault(key, torch.nn.functional.normalize(emb, dim=-1))
+
+
 def topk_pool(tile_logits: np.ndarray, k: int) -> np.ndarray:
     """MI-Zero pooling: per class, the mean of its k highest tile logits. [N, C] -> [C]."""
     tile_logits = np.asarray(tile_logits, dtype=np.float64)

@@ -62,6 +62,10 @@ def save_model_dir(model: Any, out_dir: Path) -> Path:
     elif model.cfg.llm_config:  # a from-scratch LLM belongs to the run
         model.llm.save_pretrained(str(out_dir / "llm"))
         model.tokenizer.save_pretrained(str(out_dir / "llm"))
+    if getattr(model, "calibration", None) is not None:  # scores of these weights; voided by a new encoder
+        from pathvlm.calibration import FILE_NAME
+
+        model.calibration.save(out_dir / FILE_NAME)
     meta_path = out_dir / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta.update({"kind": "pathvlm", "parts": [p for p in _PARTS if getattr(model, p) is not None]})
@@ -90,13 +94,28 @@ def _load_run_dir(run: Path) -> Any:
             continue
         if file.is_file():
             load_strict(module, file)
+            if hasattr(module, "refresh_hash"):  # the hash was taken from the weights before loading
+                module.refresh_hash()
         elif part != "encoder":  # an encoder may come unchanged from its own registry weights
             raise ModelError(f"{run}: missing {file.name}")
     if (run / "adapter").is_dir():
         from peft import PeftModel
 
         vlm.llm = PeftModel.from_pretrained(vlm.llm, str(run / "adapter"))
+    vlm.run_dir = run
+    vlm.calibration = _load_calibration(run)
     return vlm.eval()
+
+
+def _load_calibration(run: Path) -> Any:
+    """The run's calibration.json (``pathvlm calibrate``), or None: scores are then uncalibrated."""
+    from pathvlm.calibration import FILE_NAME, load_calibration
+
+    path = run / FILE_NAME
+    if not path.is_file():
+        log.info("%s: no %s; image-decided report fields stay uncalibrated", run, FILE_NAME)
+        return None
+    return load_calibration(path)
 
 
 def load_model(name_or_dir: str | Path) -> Any:

@@ -79,6 +79,8 @@ class PathVLM(nn.Module):
         self.aggregator, self.projector, self.llm, self.tokenizer = aggregator, projector, llm, tokenizer
         self.slide_token_id = add_slide_token(tokenizer)
         self.last_attention: list[dict[str, Any]] = []  # per slide of the last call, for the app
+        self.run_dir: Path | None = None  # set by load_model
+        self.calibration: Any = None  # pathvlm.calibration.Calibration from calibration.json
 
     # -- slide tokens ---------------------------------------------------------------------
     @property
