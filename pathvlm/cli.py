@@ -573,14 +573,11 @@ def _cmd_eval_report(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    import os
-
     p = sub.add_parser("calibrate", help="fit the calibration of a model's image-decided report "
                        "fields on the val split; writes calibration.json beside its weights")
     p.add_argument("--model", default="demo", help="run directory or registered model name")
-    p.add_argument("--data", default=os.environ.get("PATHVLM_DATA", "../shared/data"),
-                   help="data root with lymphoma_nia/, crc_tiles/, pcam/ (default: $PATHVLM_DATA "
-                   "or ../shared/data)")
+    p.add_argument("--data", help="data root with lymphoma_nia/, crc_tiles/, pcam/ (default: "
+                   "$PATHVLM_DATA or ../shared/data beside the checkout)")
     p.add_argument("--out", help="calibration file to write (default: <model dir>/calibration.json)")
     p.add_argument("--target-precision", type=float, default=0.9,
                    help="selective precision the report threshold is chosen for")
@@ -596,6 +593,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from pathvlm.errors import ConfigError
     from pathvlm.eval.calibrate import fit_calibration, markdown_table
     from pathvlm.model import load_model
+    from pathvlm.resources import data_dir
 
     if not 0.0 < args.target_precision <= 1.0:
         raise ConfigError(f"--target-precision must be in (0, 1], got {args.target_precision}")
@@ -605,7 +603,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if out is None:
         raise ConfigError("pass --out: this model has no run directory")
     heads = [h.strip() for h in args.heads.split(",")] if args.heads else None
-    cal = fit_calibration(model, args.data, heads, args.target_precision, args.limit,
+    data = args.data or data_dir()
+    if data is None:
+        raise ConfigError("no data: pass --data or set PATHVLM_DATA")
+    cal = fit_calibration(model, data, heads, args.target_precision, args.limit,
                           progress=not args.quiet)
     cal.save(out)
     print(markdown_table(cal), end="")

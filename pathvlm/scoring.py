@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,6 @@ from pathvlm.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "configs" / "prompts"
 DEFAULT_TOP_K = 10
 ABSENT, PRESENT = "absent", "present"
 
@@ -38,7 +36,7 @@ class HeadSpec:
 
     Attributes:
         name: key in `calibration.json` and in `SlideScores.heads`.
-        prompts: prompt file name in pathvlm/configs/prompts.
+        prompts: packaged prompt set (pathvlm/configs/prompts, `pathvlm list prompts`).
         positive: for a binary head, the prompt class meaning "present" (the others: absent).
         pool: "topk" (MI-Zero mean of the k highest tile logits per class) or "mean" (mean of
             the tile probabilities: an expected tissue composition).
@@ -144,6 +142,7 @@ class Scorer:
 
     def __init__(self, model: Any, calibration: Calibration | str | None = "auto",
                  heads: list[str] | None = None):
+        from pathvlm.resources import resource_file
         from pathvlm.zeroshot import ZeroShotClassifier, load_prompts, seed_prompt_embeddings
 
         self.model = model
@@ -172,7 +171,7 @@ class Scorer:
         for head in self.heads:
             if head.prompts in self.classifiers:
                 continue
-            prompt_set = load_prompts(PROMPTS_DIR / head.prompts)
+            prompt_set = load_prompts(resource_file("prompts", head.prompts))
             stored = self._head_cal(head.name, prompt_set.digest())
             if stored is not None and stored.class_embeddings:
                 seed_prompt_embeddings(encoder, prompt_set, stored.class_embeddings)
