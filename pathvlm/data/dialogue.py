@@ -241,7 +241,11 @@ def entity_of(name: str) -> str | None:
     for entity in ENTITY_PANELS:
         if _fold(entity) == folded or _fold(entity.split(",")[0]) == folded:
             return entity
-    return None
+    for alias, entity in ENTITY_ALIASES.items():
+        if _fold(alias) == folded:
+            return entity
+    hits = [e for e in ENTITY_PANELS if len(folded) >= 6 and folded in _fold(e)]
+    return hits[0] if len(hits) == 1 else None
 
 
 def _fold(text: str) -> str:
@@ -340,10 +344,11 @@ def differential_answer(ranked: Sequence[tuple[str, float | None]], confirm: str
     return text
 
 
-def second_answer(second: str, top: str, features: Mapping[str, str]) -> str:
+def second_answer(second: str, top: str, features: Mapping[str, str], p: float | None = None) -> str:
     pattern = features.get("growth_pattern") or features.get("cytology")
     why = f" ({pattern})" if pattern else ""
-    return f"The second most likely is {second}{why}; it ranks below {top} on this field."
+    pct = f" at {p:.0%}" if p is not None else ""
+    return f"The second most likely is {second}{pct}{why}; it ranks below {top} on this field."
 
 
 def why_not_answer(asked: str, top: str, asked_features: Mapping[str, str], tests: str | None) -> str:

@@ -7,6 +7,7 @@ Slide tokens replace ``<slide>`` placeholders via ``masked_scatter``; generation
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -189,16 +190,51 @@ class PathVLM(nn.Module):
         embeds = self.prepare(input, question, history)
         return self.llm.generate(**self._gen_kwargs(embeds, gen))
 
-    def ask(self, input: Any, question: str, history: list[dict[str, str]] | None = None, **gen: Any) -> str:
-        """Answer ``question`` about a slide / image / feature file / case (None: text only)."""
+    @property
+    def chat(self) -> Any:
+        """The question router (``pathvlm.chat.ChatAssistant``), built on first use."""
+        if getattr(self, "_chat", None) is None:
+            from pathvlm.chat import ChatAssistant
+
+            self._chat = ChatAssistant(self)
+        return self._chat
+
+    def routed(self, input: Any, question: str, history: list[dict[str, str]] | None, case: Any,
+               route: bool) -> str | None:
+        """The routed answer (case facts, refusal, differential, next steps), or None when the LLM
+        should answer. Text-only prompts (no input, no case) are never routed."""
+        if not route or (input is None and case is None):
+            return None
+        reply = self.chat.reply(input, question, history, case)
+        if reply.text is not None and reply.route.kind in ("facts", "out_of_scope"):
+            self.last_attention = []  # nothing was looked at
+        return reply.text
+
+    def ask(self, input: Any, question: str, history: list[dict[str, str]] | None = None, *,
+            case: Any = None, route: bool = True, **gen: Any) -> str:
+        """Answer ``question`` about a slide / image / feature file / case (None: text only).
+
+        Args:
+            case: the case (``pathvlm.case.Case`` or ``pathvlm.data.dialogue.CaseFacts``) whose
+                slides and entered results case-fact questions are answered from.
+            route: answer case facts, out-of-scope, differential and next-steps questions by
+                ``pathvlm.chat`` (False: always the LLM).
+        """
+        text = self.routed(input, question, history, case, route)
+        if text is not None:
+            return text
         out = self.generate_ids(input, question, history, **gen)
         return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
-    def stream(self, input: Any, question: str, history: list[dict[str, str]] | None = None,
-               **gen: Any) -> Iterator[str]:
-        """Yield the answer in text pieces as they are generated."""
+    def stream(self, input: Any, question: str, history: list[dict[str, str]] | None = None, *,
+               case: Any = None, route: bool = True, **gen: Any) -> Iterator[str]:
+        """Yield the answer in text pieces as they are generated (a routed answer word by word)."""
         from transformers import TextIteratorStreamer
 
+        text = self.routed(input, question, history, case, route)
+        if text is not None:
+            yield from re.findall(r"\S+\s*", text)
+            return
         with torch.no_grad():
             embeds = self.prepare(input, question, history)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True)

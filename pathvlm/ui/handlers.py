@@ -171,7 +171,9 @@ class Handlers:
         history = list(session.history)
         try:
             inputs = self.chat_input(session, scope, use_region)
-            pieces, attention = self.gate.stream(inputs, question, history, **self.gen)
+            # case-fact questions are answered from the case tab: slides, stains, entered results
+            case = rep.build_case(session) if session.slides else None
+            pieces, attention = self.gate.stream(inputs, question, history, case=case, **self.gen)
         except (PathVLMError, ValidationError, OSError) as exc:
             yield history, [], session, question, f"Could not answer: {problem(exc)}"
             return

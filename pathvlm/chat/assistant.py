@@ -1,0 +1,242 @@
+"""Answer the question asked: route it, then answer from the case, the rules, the scores or the LLM.
+
+- case facts (slides, stains, parts, entered results) are copied from the case manifest, never
+  read from pixels; no slide is encoded for them;
+- out-of-scope questions (prognosis, treatment, identity, clinical data) get the refusal;
+- classify and follow-ups read the differential the report reads (`morphologic_differential`
+  of a lymphoma draft from the same input and case), so the chat's top entity is the report's;
+- next steps come from the marker rules for the current top two entities;
+- describe, region, adequacy, closed and other questions go to the model (`Reply.text` None).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pathvlm.chat.router import Route, route_question
+from pathvlm.data import dialogue as dlg
+from pathvlm.data.classes import ClassInfo, load_class_set
+
+log = logging.getLogger(__name__)
+
+CLASSES_DIR = Path(__file__).resolve().parents[1] / "configs" / "classes"
+LYMPHOMA_WORDS = re.compile(r"lymphom|lymph node|lymphoid|leuk[a]?emia|hodgkin|\b(cll|sll|fl|mcl|dlbcl|chl)\b",
+                            re.IGNORECASE)
+LYMPHOID_TISSUE = ("LYM",)  # tissue classes whose fields call for the lymphoma differential
+
+
+@dataclass
+class ChatConfig:
+    """How routed answers are made.
+
+    Attributes:
+        domain: "lymphoma" (the report's lymphoma differential), "tissue" (colorectal tissue
+            classes) or "auto" (lymphoma when the question, the case or a lymphoid field says so).
+        shown: entities a differential answer lists.
+    """
+
+    domain: str = "auto"
+    shown: int = 3
+
+
+@dataclass
+class Reply:
+    """A routed answer; `text` None means: let the model generate."""
+
+    route: Route
+    text: str | None = None
+    domain: str | None = None
+    differential: list[tuple[str, float]] = field(default_factory=list)  # (entity or class, probability)
+
+
+def _case_of(input: Any, case: Any) -> Any:
+    """The pydantic Case behind `input`/`case`, or None."""
+    from pathvlm.case import Case, load_case
+    from pathvlm.model.inputs import CASE_SUFFIXES
+
+    if isinstance(case, Case):
+        return case
+    if isinstance(input, Case):
+        return input
+    if case is None and isinstance(input, (str, Path)) and Path(input).suffix.lower() in CASE_SUFFIXES:
+        return load_case(input)
+    return None
+
+
+def case_facts(input: Any, case: Any = None) -> dlg.CaseFacts:
+    """What the case says, without reading pixels: a Case, a manifest, the app's slide inputs
+    (name, stain, part) or a single file; `case` (Case or CaseFacts) wins over `input`."""
+    if isinstance(case, dlg.CaseFacts):
+        return case
+    real = _case_of(input, case)
+    if real is not None:
+        return dlg.CaseFacts.from_case(real)
+    items = input if isinstance(input, (list, tuple)) else [input]
+    slides = []
+    for i, item in enumerate(items):
+        name = getattr(item, "name", None) or (Path(item).stem if isinstance(item, (str, Path)) else None)
+        slides.append(dlg.SlideFact(name or f"input{i + 1}", getattr(item, "stain", None) or "H&E",
+                                    getattr(item, "part", None)))
+    return dlg.CaseFacts(slides)
+
+
+class ChatAssistant:
+    """Routes questions for one PathVLM; the report drafter (prompt encodings) is built once."""
+
+    def __init__(self, model: Any, cfg: ChatConfig | None = None):
+        self.model, self.cfg = model, cfg or ChatConfig()
+
+    @cached_property
+    def drafter(self) -> Any:
+        from pathvlm.reports.from_model import FindingsConfig, ReportDrafter
+
+        return ReportDrafter(self.model, FindingsConfig(constrained=False, narrative_tokens=0))
+
+    @cached_property
+    def class_info(self) -> dict[str, ClassInfo]:
+        """Entity names and tissue labels -> their class-file entry (features, next steps)."""
+        out: dict[str, ClassInfo] = {}
+        for name in ("lymphoma.yaml", "crc_tissue.yaml"):
+            for info in load_class_set(CLASSES_DIR / name).classes:
+                out[dlg.entity_of(info.label) or info.label] = info
+        return out
+
+    # -- scores -----------------------------------------------------------------------------
+    def scores(self, input: Any, case: Any = None, question: str = "") -> tuple[str, list[tuple[str, float]]]:
+        """(domain, ranked (name, probability)): the lymphoma report's differential, or the
+        colorectal tissue classes' zero-shot probabilities. Empty when the model cannot score."""
+        drafter = self.drafter
+        if drafter.entities is None:
+            return "none", []
+        real = _case_of(input, case)
+        # the app passes its already encoded slides with the case: score those, not the paths
+        findings, slides = drafter.findings(input if real is not None and isinstance(input, (list, tuple))
+                                            else real if real is not None else input)
+        domain = self._domain(question, real, case, findings)
+        if domain == "lymphoma":
+            from pathvlm.reports.draft import draft_report
+
+            report = draft_report(findings, "lymphoma", None, case=real)
+            return domain, [(d.entity, float(d.probability)) for d in report.morphologic_differential]
+        return domain, self._tissue_probs(slides)
+
+    def _domain(self, question: str, real: Any, case: Any, findings: Any) -> str:
+        if self.cfg.domain != "auto":
+            return self.cfg.domain
+        if LYMPHOMA_WORDS.search(question):
+            return "lymphoma"
+        facts = case if isinstance(case, dlg.CaseFacts) else dlg.CaseFacts.from_case(real) if real else None
+        if facts is not None:
+            from pathvlm.reports.ancillary import RULE_TARGETS
+
+            if any(r.target in RULE_TARGETS for r in facts.results) or \
+                    str(facts.clinical.get("specimen_type", "")).startswith("Lymph node"):
+                return "lymphoma"
+        he = [s for s in findings.slides if s.is_he and s.tissue_fractions]
+        if he:
+            frac = {k: sum(s.tissue_fractions.get(k, 0.0) for s in he) for k in he[0].tissue_fractions}
+            if max(frac, key=frac.get) in LYMPHOID_TISSUE:
+                return "lymphoma"
+        return "tissue"
+
+    def _tissue_probs(self, slides: list[Any]) -> list[tuple[str, float]]:
+        import numpy as np
+
+        probs, classes = [], None
+        for s in slides:
+            if (s.stain or "H&E").upper() in ("H&E", "HE") and s.bag.features.shape[0]:
+                pred = self.drafter.tissue.predict_features(s.bag)
+                probs.append(pred.probs)
+                classes = pred.classes
+        if not probs:
+            return []
+        mean = np.mean(probs, axis=0)
+        return [(classes[i], float(mean[i])) for i in np.argsort(-mean)]
+
+    # -- answers ----------------------------------------------------------------------------
+    def _name(self, key: str, domain: str) -> str:
+        info = self.class_info.get(key)
+        return key if domain == "lymphoma" or info is None else info.name
+
+    def _features(self, key: str) -> dict[str, str]:
+        info = self.class_info.get(key)
+        return dict(info.features) if info else {}
+
+    def _differential_text(self, domain: str, ranked: list[tuple[str, float]], facts: dlg.CaseFacts) -> str:
+        shown = [(self._name(k, domain), p) for k, p in ranked[: self.cfg.shown]]
+        top = ranked[0][0]
+        if domain == "lymphoma":
+            from pathvlm.reports.tables import ENTITY_PANELS
+
+            text = dlg.differential_answer(shown, ", ".join(ENTITY_PANELS.get(top, ())) or None)
+            if facts.results:
+                text += f" Entered results taken into account: {'; '.join(r.text() for r in facts.results)}."
+            return text
+        return dlg.differential_answer(shown, None)
+
+    def _next_steps(self, domain: str, ranked: list[tuple[str, float]], facts: dlg.CaseFacts) -> str:
+        if domain == "lymphoma":
+            return dlg.next_steps_answer([k for k, _ in ranked[:2]], facts.results)
+        info = self.class_info.get(ranked[0][0]) if ranked else None
+        tests = (info.next_steps or (f"confirm with {info.confirm}" if info.confirm else None)) if info else None
+        return dlg.next_steps_answer([], facts.results, fallback=tests)
+
+    def _key_for(self, asked: str, domain: str, keys: list[str]) -> str | None:
+        if domain == "lymphoma":
+            return dlg.entity_of(asked)
+        want = asked.casefold()
+        for k in keys:
+            info = self.class_info.get(k)
+            names = {k.casefold()} | ({info.name.casefold(), *(s.casefold() for s in info.synonyms)} if info else set())
+            if want in names:
+                return k
+        return None
+
+    def _why_not(self, asked: str, domain: str, ranked: list[tuple[str, float]]) -> str:
+        keys = [k for k, _ in ranked]
+        key = self._key_for(asked, domain, keys)
+        names = ", ".join(self._name(k, domain) for k in keys[: self.cfg.shown])
+        if key is None or key not in keys:
+            return f"{asked} is not among the entities I score for this input ({names}); I cannot weigh it."
+        top = keys[0]
+        if key == top:
+            return f"{self._name(top, domain)} is the most likely on this input ({ranked[0][1]:.0%}); " \
+                   f"the differential is {names}."
+        tests = None
+        if domain == "lymphoma":
+            rows = dlg.separating_tests(top, key)[:3]
+            tests = ", ".join(f"{m} ({dlg._short(top)} {x}, {dlg._short(key)} {y})" for m, x, y in rows) or None
+        return dlg.why_not_answer(self._name(key, domain), self._name(top, domain), self._features(key), tests)
+
+    def reply(self, input: Any, question: str, history: list[dict[str, str]] | None = None,
+              case: Any = None) -> Reply:
+        """Route `question` and answer it where the case, the rules or the scores decide."""
+        facts = case_facts(input, case)
+        route = route_question(question, history, [s.name for s in facts.slides])
+        if route.kind == "facts":
+            kind = route.detail or "slides"
+            return Reply(route, dlg.fact_answer(kind, facts, marker=route.marker, slide=route.slide))
+        if route.kind == "out_of_scope":
+            return Reply(route, dlg.refusal(route.detail or "clinical"))
+        if route.kind not in ("classify", "next_steps", "followup"):
+            return Reply(route)
+        domain, ranked = self.scores(input, case, question)
+        if not ranked:  # no text tower: the LLM answers on its own
+            return Reply(route, domain=domain)
+        reply = Reply(route, domain=domain, differential=ranked)
+        if route.kind == "classify":
+            reply.text = self._differential_text(domain, ranked, facts)
+        elif route.kind == "next_steps":
+            reply.text = self._next_steps(domain, ranked, facts)
+        elif route.detail == "second" and len(ranked) > 1:
+            second, top = ranked[1][0], ranked[0][0]
+            reply.text = dlg.second_answer(self._name(second, domain), self._name(top, domain),
+                                           self._features(second), ranked[1][1])
+        elif route.detail == "why_not":
+            reply.text = self._why_not(route.asked or "", domain, ranked)
+        return reply
