@@ -61,7 +61,12 @@ def cli_model(model, monkeypatch):
 
 
 def test_case_ask_and_report(cli_model, case_file, tmp_path, capsys):
-    rc = main(["-q", "ask", str(case_file), "Which slide shows the immunostain?", "--model",
+    # a case-fact question is answered from the manifest (pathvlm.chat), not from the pixels
+    rc = main(["-q", "ask", str(case_file), "Which slide shows the immunostain?", "--model", "tiny"])
+    assert rc == 0 and capsys.readouterr().out.strip() == \
+        "The immunostain or special stain is ihc (IHC:cyclin D1, part A)."
+    assert cli_model.last_attention == []
+    rc = main(["-q", "ask", str(case_file), "Describe this case.", "--model",
                "tiny", "--max-new-tokens", "4"])
     assert rc == 0
     names = [a["name"] for a in cli_model.last_attention]

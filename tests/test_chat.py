@@ -183,14 +183,12 @@ def test_app_slide_inputs_give_facts_by_name_and_stain(model, images):
 @pytest.mark.slow
 def test_shipped_model_answers_the_issue_questions_in_their_own_form(shared_data, ihc_png):
     import pathvlm
+    from pathvlm.case import load_case
+    from pathvlm.resources import resource_file
 
-    image = shared_data / "lymphoma_nia" / "MCL" / "sj-04-4525-R4_263.png"
-    if not image.is_file():
-        pytest.skip(f"{image} is missing")
+    case = load_case(resource_file("cases", "lymphoma_case"))  # the issue's case, as shipped
+    image = case.slides[0].path
     model = pathvlm.load_model("demo")
-    case = Case(id="demo-lymphoma-001", slides=[SlideRef(path=image, stain="H&E", part="A"),
-                                                SlideRef(path=ihc_png, stain="IHC:cyclin D1", part="A")],
-                ancillary_results=[AncillaryResult(test="IHC", target="CD5", result="positive")])
     describe = model.ask(image, ISSUE["describe"], max_new_tokens=48)
     assert not describe.startswith(("To separate", "Most consistent", "I can't"))
     assert any(w in describe.lower() for w in ("growth", "diffuse", "nodular", "follic", "sheets", "pattern"))

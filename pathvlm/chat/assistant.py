@@ -24,7 +24,6 @@ from pathvlm.data.classes import ClassInfo, load_class_set
 
 log = logging.getLogger(__name__)
 
-CLASSES_DIR = Path(__file__).resolve().parents[1] / "configs" / "classes"
 LYMPHOMA_WORDS = re.compile(r"lymphom|lymph node|lymphoid|leuk[a]?emia|hodgkin|\b(cll|sll|fl|mcl|dlbcl|chl)\b",
                             re.IGNORECASE)
 LYMPHOID_TISSUE = ("LYM",)  # tissue classes whose fields call for the lymphoma differential
@@ -100,9 +99,11 @@ class ChatAssistant:
     @cached_property
     def class_info(self) -> dict[str, ClassInfo]:
         """Entity names and tissue labels -> their class-file entry (features, next steps)."""
+        from pathvlm.resources import resource_file
+
         out: dict[str, ClassInfo] = {}
-        for name in ("lymphoma.yaml", "crc_tissue.yaml"):
-            for info in load_class_set(CLASSES_DIR / name).classes:
+        for name in ("lymphoma", "crc_tissue"):
+            for info in load_class_set(resource_file("classes", name)).classes:
                 out[dlg.entity_of(info.label) or info.label] = info
         return out
 
