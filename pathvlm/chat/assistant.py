@@ -91,10 +91,12 @@ class ChatAssistant:
         self.model, self.cfg = model, cfg or ChatConfig()
 
     @cached_property
-    def drafter(self) -> Any:
-        from pathvlm.reports.from_model import FindingsConfig, ReportDrafter
+    def findings_config(self) -> Any:
+        """Report findings without LLM fields or narrative: only the scores the differential needs."""
+        from pathvlm.reports.from_model import FindingsConfig
 
-        return ReportDrafter(self.model, FindingsConfig(constrained=False, narrative_tokens=0))
+        wanted = {"constrained": False, "llm_fields": False, "narrative_tokens": 0}
+        return FindingsConfig(**{k: v for k, v in wanted.items() if k in FindingsConfig.__dataclass_fields__})
 
     @cached_property
     def class_info(self) -> dict[str, ClassInfo]:
@@ -109,24 +111,33 @@ class ChatAssistant:
 
     # -- scores -----------------------------------------------------------------------------
     def scores(self, input: Any, case: Any = None, question: str = "") -> tuple[str, list[tuple[str, float]]]:
-        """(domain, ranked (name, probability)): the lymphoma report's differential, or the
-        colorectal tissue classes' zero-shot probabilities. Empty when the model cannot score."""
-        drafter = self.drafter
-        if drafter.entities is None:
+        """(domain, ranked (name, probability)): the lymphoma report's morphologic differential
+        for the same input and case, or the colorectal tissue head of `pathvlm.scoring`. Empty
+        when the model cannot score images (no text tower)."""
+        from pathvlm.model.inputs import resolve_inputs
+        from pathvlm.scoring import get_scorer
+        from pathvlm.slide import TileConfig
+
+        scorer = get_scorer(self.model)
+        if scorer.unavailable:
             return "none", []
-        real = _case_of(input, case)
+        m, real = self.model, _case_of(input, case)
         # the app passes its already encoded slides with the case: score those, not the paths
-        findings, slides = drafter.findings(input if real is not None and isinstance(input, (list, tuple))
-                                            else real if real is not None else input)
-        domain = self._domain(question, real, case, findings)
+        source = real if real is not None and not isinstance(input, (list, tuple)) else input
+        slides = resolve_inputs(source, m.encoder, m.transform, TileConfig(mpp=m.cfg.tile_mpp, size=m.cfg.tile_size))
+        scored: list[Any] = []
+        domain = self._domain(question, real, case)
+        if domain == "auto":
+            scored = scorer.score_slides(slides)
+            domain = "lymphoma" if self._tissue(scored)[:1] and self._tissue(scored)[0][0] in LYMPHOID_TISSUE \
+                else "tissue"
         if domain == "lymphoma":
-            from pathvlm.reports.draft import draft_report
-
-            report = draft_report(findings, "lymphoma", None, case=real)
+            report = m.draft_report(slides, "lymphoma", case=real, findings_config=self.findings_config)
             return domain, [(d.entity, float(d.probability)) for d in report.morphologic_differential]
-        return domain, self._tissue_probs(slides)
+        return domain, self._tissue(scored or scorer.score_slides(slides))
 
-    def _domain(self, question: str, real: Any, case: Any, findings: Any) -> str:
+    def _domain(self, question: str, real: Any, case: Any) -> str:
+        """The domain the question or the case settles, else "auto" (decided by the scores)."""
         if self.cfg.domain != "auto":
             return self.cfg.domain
         if LYMPHOMA_WORDS.search(question):
@@ -138,26 +149,18 @@ class ChatAssistant:
             if any(r.target in RULE_TARGETS for r in facts.results) or \
                     str(facts.clinical.get("specimen_type", "")).startswith("Lymph node"):
                 return "lymphoma"
-        he = [s for s in findings.slides if s.is_he and s.tissue_fractions]
-        if he:
-            frac = {k: sum(s.tissue_fractions.get(k, 0.0) for s in he) for k in he[0].tissue_fractions}
-            if max(frac, key=frac.get) in LYMPHOID_TISSUE:
-                return "lymphoma"
-        return "tissue"
+        return "auto"
 
-    def _tissue_probs(self, slides: list[Any]) -> list[tuple[str, float]]:
+    @staticmethod
+    def _tissue(scored: list[Any]) -> list[tuple[str, float]]:
+        """Colorectal tissue classes, probabilities averaged over the H&E slides, best first."""
         import numpy as np
 
-        probs, classes = [], None
-        for s in slides:
-            if (s.stain or "H&E").upper() in ("H&E", "HE") and s.bag.features.shape[0]:
-                pred = self.drafter.tissue.predict_features(s.bag)
-                probs.append(pred.probs)
-                classes = pred.classes
-        if not probs:
+        rows = [s.heads["crc_tissue"] for s in scored if s.is_he and "crc_tissue" in s.heads]
+        if not rows:
             return []
-        mean = np.mean(probs, axis=0)
-        return [(classes[i], float(mean[i])) for i in np.argsort(-mean)]
+        mean = np.mean([r.probs for r in rows], axis=0)
+        return [(rows[0].classes[i], float(mean[i])) for i in np.argsort(-mean, kind="stable")]
 
     # -- answers ----------------------------------------------------------------------------
     def _name(self, key: str, domain: str) -> str:
