@@ -44,8 +44,13 @@ class EncoderEntry:
     gated: bool
     description: str
     has_text: bool = True
-    needs_internet: bool = False
+    needs_internet: bool = False  # without weights= it downloads them
     random_weights: bool = False  # a seeded random init: for tests and benchmarks, never for use
+    embed_dim: int | None = None
+    mpp: float | None = None  # um/px of its training tiles (embed tiles at this scale)
+    input_size: int | None = None
+    hub_id: str = ""
+    family: str = ""
 
 
 _REGISTRY: dict[str, EncoderEntry] = {}
@@ -89,21 +94,13 @@ register_encoder(
         gated=False,
         description="the shipped demo encoder: ViT 192x6 112 px trained CLIP-style on the CRC and NIA "
         "lymphoma train splits, frozen all-MiniLM-L6-v2 text tower + trained projection",
+        embed_dim=256,
+        input_size=112,
     )
 )
 # the default model's encoder: what `pathvlm embed` uses when no encoder is named (a test checks
 # that it is the encoder in the default model's config.yaml)
 DEFAULT_ENCODER = "pathvlm-demo"
-register_encoder(
-    EncoderEntry(
-        name="quiltnet-b-32",
-        spec="hf-hub:wisdomik/QuiltNet-B-32",
-        license="MIT",
-        gated=False,
-        description="QuiltNet ViT-B/32 trained on Quilt-1M histopathology (downloads from the HF hub)",
-        needs_internet=True,
-    )
-)
 register_encoder(
     EncoderEntry(
         name="hf-hub:<org/repo>",
@@ -115,6 +112,26 @@ register_encoder(
         needs_internet=True,
     )
 )
+
+
+# spec prefix -> builder(name, spec, weights, vision_only) for families defined in other modules
+# (foundation encoders register "foundation:"), so this module imports none of them
+SpecBuilder = Callable[[str, str, "str | Path | None", bool], tuple[Any, Transform]]
+_SPEC_BUILDERS: dict[str, SpecBuilder] = {}
+
+
+def register_spec_builder(prefix: str, builder: SpecBuilder) -> None:
+    _SPEC_BUILDERS[prefix] = builder
+
+
+def split_weights(name: str) -> tuple[str, str | None]:
+    """``"uni@/models/UNI"`` -> ``("uni", "/models/UNI")`` for names whose weights come from a path
+    (so a config string alone can carry them); anything else is returned unchanged."""
+    base, at, path = name.partition("@")
+    entry = _REGISTRY.get(base)
+    if at and entry is not None and any(entry.spec.startswith(p) for p in _SPEC_BUILDERS):
+        return base, path
+    return name, None
 
 
 def list_encoders(details: bool = False) -> list[str] | list[EncoderEntry]:
@@ -372,8 +389,11 @@ def _create_hf_hub(name: str, repo: str, vision_only: bool) -> tuple[PatchEncode
 
 
 def create_encoder(
-    name: str, device: str | torch.device | None = None, vision_only: bool = False,
+    name: str,
+    device: str | torch.device | None = None,
+    vision_only: bool = False,
     init_seed: int | None = None,
+    weights: str | Path | None = None,
 ) -> tuple[PatchEncoder, Transform]:
     """Build a patch encoder and its eval transform (PIL image -> [3, H, W] tensor).
 
@@ -384,12 +404,23 @@ def create_encoder(
         vision_only: drop the text tower (less memory; ``encode_text`` then raises ModelError).
         init_seed: seed of a random-weights architecture (training passes its own); None: fixed
             per architecture (`random_init_seed`), so every process builds the same weights.
+        weights: for a foundation encoder (``pathvlm list encoders``), its hub folder copied as
+            is or its single weights file; None downloads it from the hub (``HF_TOKEN``, cached).
+            ``name@PATH`` says the same in one string.
 
     Returns:
         (encoder in eval mode, transform)
     """
+    name, at_weights = split_weights(name)
+    weights = weights if weights is not None else at_weights
     spec = _REGISTRY[name].spec if name in _REGISTRY else name
-    if spec.startswith("openclip:"):
+    builder = next((b for p, b in _SPEC_BUILDERS.items() if spec.startswith(p)), None)
+    if weights is not None and builder is None:
+        raise ModelError(f"encoder {name!r} takes no weights= (only foundation encoders do: "
+                         "pathvlm list encoders)")
+    if builder is not None:
+        encoder, transform = builder(name, spec, weights, vision_only)
+    elif spec.startswith("openclip:"):
         encoder, transform = _create_openclip(name, spec[len("openclip:") :], vision_only, init_seed)
     elif spec.startswith("local-dir:"):
         folder = Path(spec[len("local-dir:") :])
