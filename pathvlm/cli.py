@@ -23,17 +23,27 @@ EXIT_BAD_INPUT = 2
 def _add_list(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list registered components")
     p.add_argument("what", choices=sorted(_LISTERS), help="which registry to list")
+    p.add_argument("--json", action="store_true", help="print JSON (encoders: every registry field)")
     p.set_defaults(func=_cmd_list)
 
 
-def _list_encoders() -> list[str]:
+def _list_encoders(as_json: bool = False) -> list[str]:
+    import dataclasses
+    import json
+
     from pathvlm.encoders import list_encoders
 
-    rows = []
-    for entry in list_encoders(details=True):
-        gated = "gated" if entry.gated else "open"
-        note = "random weights (seeded): " if entry.random_weights else ""
-        rows.append(f"{entry.name:32s} {entry.license:28s} {gated:6s} {note}{entry.description}")
+    entries = list_encoders(details=True)
+    if as_json:
+        return [json.dumps([dataclasses.asdict(e) for e in entries], indent=2)]
+    rows = [f"{'NAME':24s} {'DIM':>5s} {'UM/PX':>5s} {'INPUT':>5s} {'TEXT':4s} {'ACCESS':6s} "
+            f"{'LICENCE':32s} DESCRIPTION"]
+    for e in entries:
+        def cell(v, fmt): return (format(v, fmt) if v is not None else "-").rjust(5)
+        note = "random weights (seeded): " if e.random_weights else ""
+        rows.append(f"{e.name:24s} {cell(e.embed_dim, '>5d')} {cell(e.mpp, '>5.2f')} "
+                    f"{cell(e.input_size, '>5d')} {'yes' if e.has_text else 'no':4s} "
+                    f"{'gated' if e.gated else 'open':6s} {e.license[:32]:32s} {note}{e.description}")
     return rows
 
 
@@ -100,7 +110,16 @@ _LISTERS: dict[str, Callable[[], list[str]]] = {
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    for row in _LISTERS[args.what]():
+    lister = _LISTERS[args.what]
+    if args.json and lister is _list_encoders:
+        rows = _list_encoders(as_json=True)
+    elif args.json:
+        import json
+
+        rows = [json.dumps(lister(), indent=2)]
+    else:
+        rows = lister()
+    for row in rows:
         print(row)
     return 0
 
@@ -132,9 +151,13 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default=d.encoder,
                    help="registered name (pathvlm list encoders), openclip:<arch>[@ckpt], local-dir:<dir>, "
                    f"checkpoint file or hf-hub:<org/repo> (default: the default model's, {d.encoder})")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="foundation encoder weights: its hub folder copied as is, or its weights file "
+                   "(default: download from the hub with HF_TOKEN)")
     p.add_argument("--mpp", type=float, default=None,
-                   help="tile resolution in um/px (default: the encoder's tile scale, else 0.5)")
-    p.add_argument("--size", type=int, default=None, help="tile size in pixels (default: the encoder's input)")
+                   help="tile resolution in um/px (default: the encoder's training scale, else 0.5)")
+    p.add_argument("--size", type=int, default=None,
+                   help="tile size in pixels (default: the encoder's training tile, else its input)")
     p.add_argument("--slide-mpp", type=float, default=None, help="um/px of files that do not record it")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="tile-reading processes")
@@ -147,7 +170,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from pathvlm.embed import EmbedConfig, embed_slides
 
     cfg = EmbedConfig(
-        encoder=args.encoder, mpp=args.mpp, size=args.size, slide_mpp=args.slide_mpp,
+        encoder=args.encoder, weights=args.weights, mpp=args.mpp, size=args.size, slide_mpp=args.slide_mpp,
         batch_size=args.batch_size, num_workers=args.num_workers, shard=args.shard,
         device=args.device, progress=not args.quiet,
     )

@@ -54,8 +54,9 @@ class EmbedConfig:
     """Settings of an embedding run (the CLI fills it; library callers build it directly)."""
 
     encoder: str = DEFAULT_ENCODER  # the default model's encoder
+    weights: str | None = None  # a foundation encoder's hub folder or weights file (None: hub)
     mpp: float | None = None  # um/px of each tile; None: the encoder's tile_mpp, else 0.5
-    size: int | None = None  # tile side in output pixels; None: the encoder's input size
+    size: int | None = None  # tile side in output pixels; None: the encoder's tile (input) size
     slide_mpp: float | None = None  # resolution for files that do not record one
     batch_size: int = 64
     num_workers: int = 2
@@ -474,6 +475,16 @@ def _complete_by_record(
     return outs
 
 
+def encoder_tile_scale(encoder: Any, mpp: float | None = None,
+                       size: int | None = None) -> tuple[float, int]:
+    """(um/px, tile px) to cut slides at: what was asked, else the scale the encoder was trained
+    at (``tile_mpp``; foundation encoders also carry ``tile_size``), else 0.5 um/px and its input."""
+    from pathvlm.encoders import input_size
+
+    return (float(mpp or getattr(encoder, "tile_mpp", None) or DEFAULT_TILE_MPP),
+            int(size or getattr(encoder, "tile_size", None) or input_size(encoder)))
+
+
 def embed_slides(
     inputs: Iterable[str | Path],
     out_dir: str | Path,
@@ -493,24 +504,24 @@ def embed_slides(
     """
     from tqdm.auto import tqdm
 
-    from pathvlm.encoders import create_encoder, input_size
+    from pathvlm.encoders import create_encoder
     from pathvlm.slide import TileConfig, TissueConfig, open_slide
 
     cfg = cfg or EmbedConfig()
     out_dir = Path(out_dir)
     slides = select_shard(collect_slides(inputs), cfg.shard)
     tissue_cfg = from_dict(TissueConfig, cfg.tissue, prefix="tissue")
-    if encoder_and_transform is None:
+    if encoder_and_transform is None and cfg.weights is None:
         done = _complete_by_record(slides, out_dir, cfg, tissue_cfg)
         if done is not None:
             log.info("all %d slides complete for %s, skipped", len(done), cfg.encoder)
             return EmbedResult(skipped=done)
-    encoder, transform = encoder_and_transform or create_encoder(cfg.encoder, device=cfg.device)
+    encoder, transform = encoder_and_transform or create_encoder(
+        cfg.encoder, device=cfg.device, weights=cfg.weights)
     if getattr(encoder, "random_weights", False):
         log.warning("encoder %s has random weights (seeded, for tests and benchmarks): its features "
                     "carry no tissue information", encoder.name)
-    mpp = cfg.mpp or getattr(encoder, "tile_mpp", None) or DEFAULT_TILE_MPP
-    size = cfg.size or input_size(encoder)
+    mpp, size = encoder_tile_scale(encoder, cfg.mpp, cfg.size)
     log.info("encoder %s (weights %s): %d px tiles at %g um/px", encoder.name, encoder.weights_hash,
              size, mpp)
     tile_cfg = from_dict(TileConfig, {**cfg.tile, "mpp": mpp, "size": size}, prefix="tile")

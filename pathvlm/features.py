@@ -146,6 +146,19 @@ def load_features(path: str | Path) -> FeatureBag:
     return FeatureBag(torch.from_numpy(feats), torch.from_numpy(xy), attrs, path)
 
 
+def check_same_encoder(attrs: dict[str, Any], name: str | None, weights_hash: str | None,
+                       where: str) -> None:
+    """Features must come from the encoder that reads them: same weights (hash), else one error.
+
+    Files that do not record their encoder (older or hand-made) pass; the width check still applies.
+    """
+    have_name, have_hash = attrs.get("encoder"), attrs.get("encoder_weights_hash")
+    if have_hash and weights_hash and have_hash != weights_hash:
+        raise FeatureFileError(where, f"features come from encoder {have_name} (weights {have_hash}), "
+                               f"this model reads encoder {name} (weights {weights_hash}); "
+                               f"re-embed with --encoder {name}")
+
+
 def is_complete(path: str | Path, expected: dict[str, Any]) -> bool:
     """True when ``path`` is a readable feature file whose resume attributes equal ``expected``."""
     path = Path(path)

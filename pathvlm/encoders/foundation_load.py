@@ -101,8 +101,8 @@ def _check_timm_config(spec: FoundationSpec, folder: Path) -> None:
 
 def _load_timm_like(spec: FoundationSpec, path: Path, overrides: dict[str, Any] | None
                     ) -> FoundationEncoder:
-    encoder = build_foundation(spec, overrides)
     file = weights_file(spec, path)
+    encoder = build_foundation(spec, overrides, random_init=False)
     if path.is_dir():
         _check_timm_config(spec, path)
     state = read_weights(file)
@@ -173,7 +173,7 @@ def _load_hf(spec: FoundationSpec, path: Path) -> FoundationEncoder:
         raise ModelError(f"{file}: weights do not match {spec.name} ({spec.arch}); " + "; ".join(problems))
     from pathvlm.encoders.foundation_models import HFEncoder
 
-    return _done(HFEncoder(spec, model.float().eval()), file)
+    return _done(HFEncoder(spec, model.float().eval(), hash_now=False), file)
 
 
 def _load_open_clip(name: str, spec: FoundationSpec, path: Path, vision_only: bool):
@@ -233,7 +233,7 @@ def _load_package(spec: FoundationSpec, path: Path) -> FoundationEncoder:
 
         model, cls = timm.create_model(spec.arch), _Musk
     load_strict(model, read_weights(file), str(file), f"{spec.name} ({spec.arch})")
-    return _done(cls(spec, model.eval()), file)
+    return _done(cls(spec, model.eval(), hash_now=False), file)
 
 
 def _download(spec: FoundationSpec) -> Path:

@@ -37,7 +37,8 @@ class FoundationEncoder(nn.Module):
         weights_source: the file the weights came from, or None for random weights.
     """
 
-    def __init__(self, spec: FoundationSpec, backbone: nn.Module, name: str | None = None):
+    def __init__(self, spec: FoundationSpec, backbone: nn.Module, name: str | None = None,
+                 hash_now: bool = True):
         super().__init__()
         self.spec = spec
         self.name = name or spec.name
@@ -49,7 +50,8 @@ class FoundationEncoder(nn.Module):
         self.tile_mpp = spec.mpp
         self.tile_size = spec.tile_size
         self.weights_source: str | None = None
-        self.weights_hash = self.refresh_hash()
+        # hashing GBs takes seconds: a loader hashes once, after the weights are in
+        self.weights_hash = self.refresh_hash() if hash_now else ""
 
     def refresh_hash(self) -> str:
         self.weights_hash = state_dict_hash(self.backbone.state_dict())
@@ -141,10 +143,13 @@ def _timm_kwargs(spec: FoundationSpec, overrides: dict[str, Any] | None) -> dict
     return kwargs
 
 
-def _build_timm(spec: FoundationSpec, overrides: dict[str, Any] | None) -> nn.Module:
+def _build_timm(spec: FoundationSpec, overrides: dict[str, Any] | None,
+                random_init: bool = True) -> nn.Module:
     import timm
 
-    return timm.create_model(spec.arch, pretrained=False, **_timm_kwargs(spec, overrides))
+    # weights about to be overwritten need no (slow) random init
+    skip = {} if random_init else {"weight_init": "skip"}
+    return timm.create_model(spec.arch, pretrained=False, **_timm_kwargs(spec, overrides), **skip)
 
 
 class ConvStem(nn.Module):
@@ -207,9 +212,10 @@ class AttentionalPooler(nn.Module):
 class ConchV15Vision(nn.Module):
     """CONCH v1.5 vision tower: ViT-L/16 trunk, one-query attentional pooler, LayerNorm."""
 
-    def __init__(self, spec: FoundationSpec, overrides: dict[str, Any] | None):
+    def __init__(self, spec: FoundationSpec, overrides: dict[str, Any] | None,
+                 random_init: bool = True):
         super().__init__()
-        self.trunk = _build_timm(spec, overrides)
+        self.trunk = _build_timm(spec, overrides, random_init)
         self.attn_pool_contrast = AttentionalPooler(spec.embed_dim, self.trunk.embed_dim, 8, 1)
         self.ln_contrast = nn.LayerNorm(spec.embed_dim)
 
@@ -271,17 +277,19 @@ _ENCODER_CLASSES = {"timm": TimmEncoder, "ctranspath": TimmEncoder, "conch_v15":
                     **{family: HFEncoder for family in _HF_CLASSES}}
 
 
-def build_foundation(spec: FoundationSpec, overrides: dict[str, Any] | None = None) -> FoundationEncoder:
+def build_foundation(spec: FoundationSpec, overrides: dict[str, Any] | None = None,
+                     random_init: bool = True) -> FoundationEncoder:
     """The published architecture of ``spec`` with random weights (never a substitute for the real
-    ones: tests and benchmarks only). ``overrides`` change build arguments, e.g. ``{"depth": 2}``."""
+    ones: tests and benchmarks only). ``overrides`` change build arguments, e.g. ``{"depth": 2}``;
+    ``random_init=False`` skips initialisation (and hashing) for weights loaded next."""
     if spec.family == "timm":
-        backbone = _build_timm(spec, overrides)
+        backbone = _build_timm(spec, overrides, random_init)
     elif spec.family == "ctranspath":
         backbone = _build_ctranspath(spec, overrides)
     elif spec.family == "conch_v15":
-        backbone = ConchV15Vision(spec, overrides)
+        backbone = ConchV15Vision(spec, overrides, random_init)
     elif spec.family in _HF_CLASSES:
         backbone = build_hf(spec, overrides)
     else:
         raise ModelError(f"encoder {spec.name}: no random-weight build for family {spec.family!r}")
-    return _ENCODER_CLASSES[spec.family](spec, backbone.eval())
+    return _ENCODER_CLASSES[spec.family](spec, backbone.eval(), hash_now=random_init)

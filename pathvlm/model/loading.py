@@ -55,6 +55,8 @@ def save_model_dir(model: Any, out_dir: Path) -> Path:
     save_config(model.cfg, out_dir)
     for part in _PARTS:
         module = getattr(model, part)
+        if part == "encoder" and getattr(module, "weights_source", None):
+            continue  # a foundation encoder reloads from its own weights (cfg.encoder), never copied
         if module is not None:
             save_model(module, str(out_dir / f"{part}.safetensors"))
     if hasattr(model.llm, "peft_config"):
@@ -69,6 +71,8 @@ def save_model_dir(model: Any, out_dir: Path) -> Path:
     meta_path = out_dir / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta.update({"kind": "pathvlm", "parts": [p for p in _PARTS if getattr(model, p) is not None]})
+    if getattr(model.encoder, "weights_source", None):  # a reload must find the same weights
+        meta["foundation_encoder_weights_hash"] = model.encoder.weights_hash
     meta_path.write_text(json.dumps(meta, indent=2))
     return out_dir
 
@@ -98,6 +102,11 @@ def _load_run_dir(run: Path) -> Any:
                 module.refresh_hash()
         elif part != "encoder":  # an encoder may come unchanged from its own registry weights
             raise ModelError(f"{run}: missing {file.name}")
+    meta_path = run / "meta.json"
+    want = json.loads(meta_path.read_text()).get("foundation_encoder_weights_hash") if meta_path.is_file() else None
+    if want and vlm.encoder is not None and vlm.encoder.weights_hash != want:
+        raise ModelError(f"{run}: trained on encoder weights {want}, but {cfg.encoder} has weights "
+                         f"{vlm.encoder.weights_hash}; pass the same encoder weights")
     if (run / "adapter").is_dir():
         from peft import PeftModel
 

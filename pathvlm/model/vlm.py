@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pathvlm.errors import ModelError
+from pathvlm.features import check_same_encoder
 from pathvlm.model.aggregators import create_aggregator
 from pathvlm.model.inputs import SlideInput, resolve_inputs
 from pathvlm.model.processor import SlideSlot, add_slide_token, build_messages, render
@@ -105,6 +106,8 @@ class PathVLM(nn.Module):
         k = self.tokens_per_slide(len(slides))
         embeds, slots, self.last_attention = [], [], []
         for s in slides:
+            if self.encoder is not None:  # features of another encoder live in another space
+                check_same_encoder(s.bag.attrs, self.encoder.name, self.encoder.weights_hash, s.source)
             feats = s.bag.features.to(self.device, torch.float32)
             if feats.dim() != 2 or feats.shape[1] != self.in_dim:
                 raise ModelError(f"{s.source}: features have shape {tuple(feats.shape)}, the model expects "

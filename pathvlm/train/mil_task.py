@@ -114,7 +114,13 @@ class MilTask:
         unseen = sorted({r.label for r in val} - set(self.labels))
         if unseen:
             raise ConfigError(f"{cfg.data.labels}: val labels {', '.join(unseen)} never occur in training rows")
-        bags = {r.features: load_features(r.features).features.float() for r in train + val}
+        loaded = {r.features: load_features(r.features) for r in train + val}
+        sources = {(b.attrs.get("encoder"), b.attrs.get("encoder_weights_hash")) for b in loaded.values()
+                   if b.attrs.get("encoder_weights_hash")}
+        if len(sources) > 1:  # one classifier reads one embedding space
+            raise ConfigError(f"{cfg.data.labels}: feature files come from different encoders "
+                              f"{sorted(f'{n} ({h})' for n, h in sources)}; re-embed with one encoder")
+        bags = {k: b.features.float() for k, b in loaded.items()}
         dims = {b.shape[1] for b in bags.values()}
         if len(dims) != 1:
             raise ConfigError(f"{cfg.data.labels}: feature files have different widths {sorted(dims)}")
