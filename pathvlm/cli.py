@@ -36,8 +36,9 @@ def _list_encoders(as_json: bool = False) -> list[str]:
     entries = list_encoders(details=True)
     if as_json:
         return [json.dumps([dataclasses.asdict(e) for e in entries], indent=2)]
-    rows = [f"{'NAME':24s} {'DIM':>5s} {'UM/PX':>5s} {'INPUT':>5s} {'TEXT':4s} {'ACCESS':6s} "
-            f"{'LICENCE':32s} DESCRIPTION"]
+    header = (f"{'NAME':24s} {'DIM':>5s} {'UM/PX':>5s} {'INPUT':>5s} {'TEXT':4s} {'ACCESS':6s} "
+              f"{'LICENCE':32s} DESCRIPTION")
+    rows = [header]
     for e in entries:
         def cell(v, fmt): return (format(v, fmt) if v is not None else "-").rjust(5)
         note = "random weights (seeded): " if e.random_weights else ""

@@ -226,7 +226,7 @@ def small_dir(tmp_path_factory):
 
 
 def test_name_at_path_and_single_weights_file(small_dir):
-    spec, reference, folder = small_dir
+    _spec, reference, folder = small_dir
     by_name, transform = create_encoder(f"kaiko-vits16@{folder}", device="cpu")
     by_arg, _ = create_encoder("kaiko-vits16", device="cpu", weights=folder / "model.safetensors")
     assert by_name.weights_hash == by_arg.weights_hash == reference.weights_hash

@@ -8,11 +8,7 @@ every key and shape must match, else one ModelError line names the first mismatc
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
