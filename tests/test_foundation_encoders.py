@@ -322,6 +322,29 @@ def test_quiltnet_open_clip_layout(tmp_path):
         assert encoder.encode_text(["tumour"]).shape == (1, 512)
 
 
+def test_text_tower_encoder_does_zero_shot_and_linear_probe_embedding(tmp_path):
+    from pathvlm.eval.common import ImageSequence, embed_dataset, load_eval_model
+    from pathvlm.zeroshot import ZeroShotClassifier
+
+    spec = get_foundation_spec("plip")
+    overrides = reduced(spec)
+    folder = write_published(spec, build_foundation(spec, overrides), tmp_path / "plip")
+    encoder = load_foundation(spec, folder, overrides=overrides)
+    image = tmp_path / "tile.png"
+    Image.new("RGB", (300, 300), (180, 90, 160)).save(image)
+    clf = ZeroShotClassifier(encoder, classes="tumour,stroma,fat", transform=build_transform(encoder),
+                             progress=False)
+    result = clf.predict([str(image)])
+    assert len(result.names) == 1 and result.top[0][0] in ("tumour", "stroma", "fat")
+    assert result.logits.shape == (1, 3)
+    emb = embed_dataset(encoder, build_transform(encoder), ImageSequence([image, image]))
+    assert emb.shape == (2, 512)
+    with pytest.raises(ModelError, match="no text tower"):
+        ZeroShotClassifier(build_foundation(get_foundation_spec("kaiko-vits16")), classes="a,b")
+    by_cli_name = load_eval_model(f"encoder:plip@{folder}", device="cpu")  # --model encoder:plip@DIR
+    assert by_cli_name.encoder.weights_hash == encoder.weights_hash
+
+
 def test_features_of_another_encoder_are_refused(small_dir):
     from pathvlm.features import FeatureFileError, check_same_encoder
 

@@ -57,6 +57,11 @@ class FoundationEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def logit_scale(self) -> torch.Tensor | None:
+        """A CLIP-style model's learned temperature (log scale), which zero-shot uses."""
+        return getattr(self.backbone, "logit_scale", None)
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
