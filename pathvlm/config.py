@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import types
 import typing
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from pathvlm.errors import ConfigError
+from pathvlm.provenance import provenance
 
 T = TypeVar("T")
 
@@ -185,32 +185,20 @@ def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
             base[key] = value
 
 
-def git_sha() -> str | None:
-    """The git commit of the pathvlm source tree, or None outside a checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def save_config(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config (and ``meta.json`` with version and git SHA) into ``out_dir``."""
-    from pathvlm import __version__
+    """Write the resolved config, and ``meta.json`` with version and git commit, into ``out_dir``.
 
+    The weights hash joins meta.json once the weights are written
+    (``pathvlm.provenance.record_run_weights``).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     meta_path = out_dir / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    meta.update({"pathvlm_version": __version__, "git_sha": git_sha(), "config_type": type(cfg).__name__})
+    for key in ("git_sha", "git_commit"):  # an earlier writer's commit is not this one's
+        meta.pop(key, None)
+    meta.update({**provenance(), "config_type": type(cfg).__name__})
     meta_path.write_text(json.dumps(meta, indent=2))
     return path

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pathvlm.errors import PathVLMError
+from pathvlm.provenance import provenance
 
 # attributes that must match for an existing file to count as done; see ARCHITECTURE.md
 RESUME_KEYS = (
@@ -95,6 +96,7 @@ def write_features(
     )
     if feats.ndim != 2 or xy.shape != (feats.shape[0], 2):
         raise ValueError(f"features {feats.shape} and coords {xy.shape} must be [N, D] and [N, 2]")
+    attrs = {**provenance(), **attrs}  # version and git commit; the caller's encoder hash stays
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:

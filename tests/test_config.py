@@ -76,7 +76,7 @@ def test_save_config_round_trips_and_writes_meta(tmp_path):
     again = from_dict(RunConfig, yaml.safe_load(path.read_text()))
     assert again == cfg
     meta = (tmp_path / "run" / "meta.json").read_text()
-    assert "pathvlm_version" in meta and "git_sha" in meta
+    assert "pathvlm_version" in meta and "git_commit" in meta  # tests run in a checkout
     assert to_dict(again)["optim"]["betas"] == [0.9, 0.999]
 
 

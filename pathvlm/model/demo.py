@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pathvlm.errors import ModelError
+from pathvlm.provenance import record_run_weights
 from pathvlm.resources import demo_weights_dir
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
                  "encoder_source": str(encoder), "untrained_parts": untrained,
                  "card": "MODEL_CARD.md at the repository root"})
     meta_path.write_text(json.dumps(meta, indent=2))
+    record_run_weights(out_dir)
     for run, sub in ((clip_run, "run"), (align_run, "run_align"), (vlm_run, "run_vlm")):
         if run is None:
             continue

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from pathvlm.errors import ModelError
+from pathvlm.provenance import hash_weight_files, record_run_weights
 from pathvlm.resources import demo_weights_dir
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def save_model_dir(model: Any, out_dir: Path) -> Path:
     if getattr(model.encoder, "weights_source", None):  # a reload must find the same weights
         meta["foundation_encoder_weights_hash"] = model.encoder.weights_hash
     meta_path.write_text(json.dumps(meta, indent=2))
+    model.weights_hash = record_run_weights(out_dir).get("weights_hash")
     return out_dir
 
 
@@ -113,6 +115,7 @@ def _load_run_dir(run: Path) -> Any:
         vlm.llm = PeftModel.from_pretrained(vlm.llm, str(run / "adapter"))
     vlm.run_dir = run
     vlm.calibration = _load_calibration(run)
+    vlm.weights_hash = hash_weight_files(run)  # what reports and run dirs record as provenance
     return vlm.eval()
 
 

@@ -16,6 +16,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from pathvlm.errors import ConfigError
+from pathvlm.provenance import provenance
 from pathvlm.reports import ancillary, derive
 from pathvlm.reports.fields import Assess, FieldSpec, Reason, Source
 from pathvlm.reports.findings import ImageFindings, SlideFindings
@@ -279,6 +280,7 @@ def draft_report(findings: ImageFindings, kind: str, clinical: Mapping[str, Any]
         ctx.flags.append("no slide labelled as lymph node: node fields use pathologist counts only")
     data: dict[str, Any] = {"report_type": kind, "fields": fields, "flags": ctx.flags,
                             "model": findings.model,
+                            "provenance": provenance(weights_hash=findings.weights_hash),
                             "generated_at": (now or datetime.now(timezone.utc)).isoformat()}
     if rtype.has_differential:
         data["morphologic_differential"] = _differential(ctx, assessment)

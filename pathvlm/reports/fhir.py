@@ -16,6 +16,7 @@ LOINC = "http://loinc.org"
 DAR = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 UCUM = "http://unitsofmeasure.org"
 FIELD_SYSTEM = "urn:pathvlm:report-field"
+PROVENANCE_URL = "urn:pathvlm:provenance"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 # LOINC 60568-3: Pathology Synoptic report
 REPORT_CODE = {"system": LOINC, "code": "60568-3", "display": "Pathology Synoptic report"}
@@ -108,6 +109,9 @@ def to_fhir(report: ReportBase) -> dict[str, Any]:
     }
     if data.get("case_id"):
         out["subject"] = {"display": f"case {data['case_id']}"}
+    if data.get("provenance"):  # software version, weights hash and commit that drafted it
+        out["extension"] = [{"url": PROVENANCE_URL, "extension": [
+            {"url": key, "valueString": value} for key, value in data["provenance"].items()]}]
     return out
 
 

@@ -58,9 +58,11 @@ class ImageFindings:
             validates them and ignores those for fields the image may not fill).
         choose: optional LLM call that picks among a field's allowed values.
         model: model name recorded in the report.
+        weights_hash: the model's weights hash, recorded in the report's provenance.
     """
 
     slides: list[SlideFindings] = field(default_factory=list)
     proposals: dict[str, Any] = field(default_factory=dict)
     choose: Chooser | None = None
     model: str = "none"
+    weights_hash: str | None = None

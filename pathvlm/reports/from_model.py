@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pathvlm.errors import ModelError
+from pathvlm.provenance import model_weights_hash
 from pathvlm.reports.fields import FieldSpec
 from pathvlm.reports.findings import ImageFindings, SlideFindings
 from pathvlm.resources import resolve_resource, resource_file
@@ -136,7 +137,8 @@ class ReportDrafter:
             self._zero_shot(s, out)
             found.append(out)
         chooser = _LLMChooser(m, embeds, slots, self.cfg) if self.cfg.constrained and slides else None
-        return ImageFindings(found, choose=chooser, model=_model_name(m)), slides
+        return ImageFindings(found, choose=chooser, model=_model_name(m),
+                             weights_hash=model_weights_hash(m)), slides
 
     def draft(self, input: Any, kind: str, clinical: Mapping[str, Any] | None = None,
               case: Case | None = None) -> ReportBase:

@@ -32,6 +32,8 @@ def render_markdown(report: ReportBase) -> str:
     if data.get("case_id"):
         lines += [f"Case: `{data['case_id']}`", ""]
     lines += [f"Model: `{data['model']}` - generated {data['generated_at']}", ""]
+    if data.get("provenance"):
+        lines += ["Provenance: " + ", ".join(f"{k} `{v}`" for k, v in data["provenance"].items()), ""]
     if data.get("slides"):
         lines += ["## Slides", ""] + [
             f"- {s['name']}: {s['stain']}" + (f", part {s['part']}" if s.get("part") else "")

@@ -139,6 +139,8 @@ class ReportBase(BaseModel):
     narrative: str
     model: str
     generated_at: str
+    # pathvlm_version, weights_hash, git_commit (pathvlm.provenance); unknown ones are absent
+    provenance: dict[str, str] | None = None
     banner: Literal[BANNER] = BANNER  # type: ignore[valid-type]
     flags: list[str] = Field(default_factory=list)
     case_id: str | None = None
@@ -170,7 +172,7 @@ class ReportBase(BaseModel):
             entry.pop("reason" if entry.get("value") is not None else "value")
             if entry.get("note") is None:
                 entry.pop("note", None)
-        for key in ("case_id", "slides", "ancillary_results"):
+        for key in ("case_id", "slides", "ancillary_results", "provenance"):
             if data.get(key) is None:
                 data.pop(key)
         return data

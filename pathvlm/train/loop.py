@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pathvlm.config import save_config
 from pathvlm.errors import ConfigError, ModelError
+from pathvlm.provenance import record_run_weights
 from pathvlm.train.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,7 @@ def run_training(cfg: Any, make_task: Callable[[], Task]) -> Path:
     if accelerator.is_main_process:
         task.model = accelerator.unwrap_model(model)
         task.save_final(out)
+        record_run_weights(out)  # meta.json: the final weights' hash beside version and commit
         metrics.save()
         metrics.plot(out / "loss_curve.png")
     return out
