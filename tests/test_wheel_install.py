@@ -144,7 +144,7 @@ def test_installed_wheel_works_outside_the_checkout(installed, tmp_path):
     env.update(PYTHONPATH=os.pathsep.join([str(installed), SITE_PACKAGES]), OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     done = subprocess.run([sys.executable, "-S", "-c", SCRIPT], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+                          capture_output=True, text=True, timeout=1200, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     out = json.loads(line[len("RESULT "):])

@@ -12,7 +12,6 @@ half, both ways, pooled), so the cost of fitting and measuring on one split is v
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathvlm.calibration import (
 )
 from pathvlm.errors import ConfigError
 from pathvlm.eval.datasets import load_csv
+from pathvlm.provenance import provenance
 from pathvlm.scoring import HEADS, Scorer
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def fit_calibration(model: Any, data_root: str | Path, heads: list[str] | None =
                                  metrics=metrics,
                                  class_embeddings=np.round(scorer.class_embeddings(h), 6).tolist())
     meta = {"data_root": str(data_root), "split": "val", "fitted_at":
-            datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_sha": _git_sha(),
+            datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance(),  # version + commit (pathvlm.provenance)
             "seconds": round(time.perf_counter() - t0, 1), "limit": limit,
             "model": getattr(model, "run_dir", None) and str(model.run_dir)}
     return Calibration(out, t_global, target, model.encoder.weights_hash, meta)
@@ -250,15 +250,6 @@ def _cross_fit(vals: dict[str, HeadVal], target: float) -> dict[str, dict[str, A
 
 def _sub(v: HeadVal, idx: np.ndarray) -> HeadVal:
     return HeadVal(v.head, v.classes, v.logits[idx], v.labels[idx], v.folds[idx], v.source)
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def summary_rows(cal: Calibration) -> list[dict[str, Any]]:
