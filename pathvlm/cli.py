@@ -514,15 +514,25 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 def _add_report(sub: argparse._SubParsersAction) -> None:
     from pathvlm.reports import list_formats, list_report_types
 
-    p = sub.add_parser("report", help="draft a structured report (DRAFT, for pathologist review)")
-    p.add_argument("input", help="slide, image, .h5 feature file, or case file (.yaml/.json)")
+    p = sub.add_parser("report", help="draft structured reports (DRAFTS, for pathologist review)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="slides, images, .h5 feature files or case files (.yaml/.json); many "
+                   "inputs share one model load")
     p.add_argument("--type", dest="kind", required=True, choices=list_report_types())
     p.add_argument("--clinical", help="YAML/JSON file: field name -> value entered by the pathologist")
     p.add_argument("--format", dest="fmt", default="json", choices=list_formats())
     p.add_argument("--model", default="demo", help="run directory or registered model name")
-    p.add_argument("--out", help="write the report here instead of printing it")
-    p.add_argument("--narrative-tokens", type=int, default=160,
-                   help="length of the LLM-written narrative (0: deterministic template)")
+    p.add_argument("--out", help="file (one input) or folder (one <input stem> file each); "
+                   "default: print")
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help="fill an image-decided field only at this calibrated probability or "
+                   "above (default: the threshold chosen on val, in the model's calibration.json)")
+    p.add_argument("--narrative-tokens", type=int, default=0,
+                   help="let the LLM write the narrative in up to N tokens; it is used only if "
+                   "every entity, value and number it names is in the report (default 0: template)")
+    p.add_argument("--llm-fields", action="store_true",
+                   help="list the LLM's (uncalibrated) ranking for fields no calibrated score "
+                   "decides; they still abstain (slower: one LLM pass per field)")
     p.set_defaults(func=_cmd_report)
 
 
@@ -546,25 +556,71 @@ def _load_clinical(path: str) -> dict:
     return data
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
+_SUFFIX = {"json": ".json", "md": ".md", "fhir": ".fhir.json"}
+
+
+def _write_atomic(path, text: str) -> None:
+    import os
     from pathlib import Path
 
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _report_targets(args: argparse.Namespace) -> list:
+    """Output path per input (None: print); a folder unless one input goes to a named file."""
+    from pathlib import Path
+
+    if not args.out:
+        return [None] * len(args.inputs)
+    out = Path(args.out)
+    if len(args.inputs) == 1 and not out.is_dir() and out.suffix:
+        return [out]
+    names: dict[str, int] = {}
+    targets = []
+    for item in args.inputs:
+        stem = Path(item).name.split(".")[0] or "report"
+        names[stem] = names.get(stem, 0) + 1
+        stem = stem if names[stem] == 1 else f"{stem}_{names[stem]}"
+        targets.append(out / f"{stem}{_SUFFIX[args.fmt]}")
+    return targets
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathvlm.errors import ConfigError
     from pathvlm.model import load_model
     from pathvlm.reports import ImageFindings, draft_report, render_report
-    from pathvlm.reports.from_model import FindingsConfig
+    from pathvlm.reports.from_model import FindingsConfig, ReportDrafter
 
     clinical = _load_clinical(args.clinical) if args.clinical else None
     draft_report(ImageFindings(), args.kind, clinical)  # bad clinical input fails before loading
-    report = load_model(args.model).draft_report(
-        args.input, args.kind, clinical, findings_config=FindingsConfig(
-            narrative_tokens=max(0, args.narrative_tokens)))
-    text = render_report(report, args.fmt)
-    if args.out:
-        Path(args.out).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-        print(f"wrote {args.out}")
-    else:
-        print(text)
-    return 0
+    if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
+        raise ConfigError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
+    targets = _report_targets(args)
+    drafter = ReportDrafter(load_model(args.model), FindingsConfig(
+        narrative_tokens=max(0, args.narrative_tokens), llm_fields=args.llm_fields))
+    failed = []
+    for item, target in zip(args.inputs, targets):
+        try:
+            report = drafter.draft(item, args.kind, clinical, min_confidence=args.min_confidence)
+            text = render_report(report, args.fmt)
+        except (PathVLMError, OSError, ValueError) as exc:  # one line, the other inputs go on
+            msg = str(exc) if item in str(exc) else f"{item}: {exc}"
+            print(f"error: {' '.join(msg.split())}", file=sys.stderr)
+            failed.append(item)
+            continue
+        if target is None:
+            print(text)
+        else:
+            _write_atomic(target, text)
+            print(f"wrote {target}")
+    if failed and len(args.inputs) > 1:
+        print(f"{len(failed)} of {len(args.inputs)} input(s) failed: {', '.join(failed)}",
+              file=sys.stderr)
+    return EXIT_BAD_INPUT if failed else 0
 
 
 def _add_eval_report(tasks: argparse._SubParsersAction) -> None:

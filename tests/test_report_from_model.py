@@ -1,7 +1,8 @@
-"""Report drafts from a real (tiny, random) PathVLM: encoder zero-shot, attention, LLM choices.
+"""Report drafts from a real (tiny, random) PathVLM: calibrated zero-shot heads, evidence, LLM.
 
 The tiny model's weights are random, so these tests check structure and the honesty rules, not
-diagnostic accuracy.
+diagnostic accuracy. Its calibration is hand-made (`tiny_calibration`); `pathvlm calibrate` is
+tested in test_calibration.py.
 """
 
 from __future__ import annotations
@@ -32,15 +33,35 @@ def tiny_config(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+def tiny_calibration(model, min_confidence: float = 0.0):
+    """A calibration for the tiny model (T = 2, Platt a = 0.5) with the given threshold."""
+    from pathvlm.calibration import Calibration, HeadCalibration
+    from pathvlm.scoring import HEADS, Scorer
+
+    raw = Scorer(model, calibration=None)
+    heads = {}
+    for name, spec in HEADS.items():
+        if spec.binary:
+            heads[name] = HeadCalibration("platt", {"a": 0.5, "b": 0.0}, ["absent", "present"],
+                                          raw.prompts_digest(name))
+        else:
+            heads[name] = HeadCalibration("temperature", {"temperature": 2.0},
+                                          raw.classifiers[spec.prompts].classes,
+                                          raw.prompts_digest(name))
+    return Calibration(heads, min_confidence, 0.9, model.encoder.weights_hash)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build_model(tiny_config())
+    m = build_model(tiny_config())
+    m.calibration = tiny_calibration(m)
+    return m
 
 
 @pytest.fixture(scope="module")
 def drafter(model):
-    return ReportDrafter(model, FindingsConfig(narrative_tokens=8))
+    return ReportDrafter(model, FindingsConfig(narrative_tokens=8, llm_fields=True))
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +81,19 @@ def test_draft_every_type_from_image(drafter, ihc_png, kind):
     assert data["draft"] is True and data["narrative"].startswith("DRAFT")
     for key in ("report_type", "fields", "narrative", "model", "generated_at"):
         assert key in data
+    assert data["min_confidence"] == 0.0 and data["calibration"]["calibrated"]
     filled = {n: e for n, e in data["fields"].items() if e.get("value") is not None}
     image = [e for e in filled.values() if e["source"] == "image"]
-    assert image, "the image model filled no field at all"
     for entry in image:
         assert entry["evidence"] and entry["evidence"][0]["slide"] == ihc_png.stem
         assert all(len(xy) == 2 for xy in entry["evidence"][0]["tiles"])
+    if kind != "lymphoma":  # at threshold 0 the calibrated carcinoma head fills the type
+        assert "histologic_type" in filled and filled["histologic_type"]["source"] == "image"
+        assert data["tissue_composition"]["undetermined"] == 0.0
+    # fields no calibrated head decides abstain and show the LLM's uncalibrated ranking
+    llm_only = data["fields"]["histologic_grade" if kind != "lymphoma" else "necrosis"]
+    assert llm_only["reason"] == Reason.cannot_be_determined_from_submitted_tissue.value
+    assert llm_only["considered"] and "not calibrated" in llm_only["note"]
     for name in anc_fields(kind):
         assert data["fields"][name]["reason"] == Reason.requires_ancillary_testing.value
     if kind == "lymphoma":
@@ -78,10 +106,13 @@ def test_findings_from_zero_shot_and_attention(drafter, ihc_png):
     found, slides = drafter.findings(str(ihc_png))
     s = found.slides[0]
     assert s.slide == ihc_png.stem and len(slides) == 1
-    assert set(s.tissue_fractions) == set(drafter.tissue.classes)
+    tissue = drafter.scorer.classifiers["crc_tissue.json"].classes
+    assert set(s.tissue_fractions) == set(tissue)
     assert abs(sum(s.tissue_fractions.values()) - 1.0) < 1e-6  # shares of argmax tiles
-    assert set(s.entity_probs) == set(drafter.entities.classes)
+    assert set(s.entity_probs) == set(drafter.scorer.classifiers["lymphoma.json"].classes)
     assert abs(sum(s.entity_probs.values()) - 1.0) < 1e-6
+    assert set(s.heads) == {"lymphoma_entity", "crc_tissue", "crc_tumor", "node_tumor"}
+    assert len(s.tile_top) == len(slides[0].bag.coords)
     coords = {tuple(map(int, xy)) for xy in slides[0].bag.coords.tolist()}
     assert s.top_tiles and set(s.top_tiles) <= coords
     assert all(set(t) <= coords for t in s.class_tiles.values())
@@ -91,10 +122,12 @@ def test_constrained_choice_is_an_allowed_option(drafter, ihc_png):
     found, _ = drafter.findings(str(ihc_png))
     spec = get_report_type("lymphoma").spec("necrosis")
     options = list(spec.image_values or spec.values)
-    value, conf = found.choose(spec, "Necrosis?", options)
-    assert value in options and 0.0 < conf <= 1.0
+    prop = found.choose(spec, "Necrosis?", options)
+    assert prop.value in options and not prop.calibrated
+    probs = [p for _, p in prop.considered]
+    assert prop.considered[0][0] == prop.value and probs == sorted(probs, reverse=True)
     scores = found.choose.scores("Necrosis?", options)
-    assert scores.shape == (len(options),) and value == options[int(scores.argmax())]
+    assert scores.shape == (len(options),) and prop.value == options[int(scores.argmax())]
 
 
 def test_ancillary_never_from_image_even_if_llm_says_so(drafter, ihc_png):
@@ -104,7 +137,7 @@ def test_ancillary_never_from_image_even_if_llm_says_so(drafter, ihc_png):
     rtype = get_report_type("lymphoma")
     # the real LLM chooser does give a valid value for an ancillary field when asked directly
     who = rtype.spec("who_haem5_diagnosis")
-    assert found.choose(who, "WHO diagnosis?", list(who.values))[0] in who.values
+    assert found.choose(who, "WHO diagnosis?", list(who.values)).value in who.values
     llm = found.choose
     found.choose = lambda spec, q, opts: (spec.values[0], 0.99) if spec.values else llm(
         spec, q, opts)
@@ -120,16 +153,16 @@ def test_vision_only_encoder_abstains_with_reason(ihc_png):
     torch.manual_seed(0)
     m = build_model(tiny_config())
     m.encoder = create_encoder("openclip:pathvlm-tiny", vision_only=True)[0]
-    report = ReportDrafter(m, FindingsConfig(constrained=False, narrative_tokens=0)).draft(
-        str(ihc_png), "lymphoma")
+    report = ReportDrafter(m, FindingsConfig(narrative_tokens=0)).draft(str(ihc_png), "lymphoma")
     image = [s.name for s in get_report_type("lymphoma").fields if s.assess == Assess.HE]
     assert image
     for name in image:
         assert getattr(report.fields, name).reason is not None, name
     assert report.morphologic_differential == []
     assert any("no text tower" in f for f in report.flags)
-    # with the LLM still choosing, it drafts without zero-shot and stays schema-valid
-    full = ReportDrafter(m, FindingsConfig(narrative_tokens=0)).draft(str(ihc_png), "lymphoma")
+    # with the LLM still ranking values, it drafts without zero-shot and stays schema-valid
+    full = ReportDrafter(m, FindingsConfig(narrative_tokens=0, llm_fields=True)).draft(
+        str(ihc_png), "lymphoma")
     validate_report(json.loads(full.model_dump_json()))
 
 
@@ -196,7 +229,8 @@ def test_real_lymphoma_image_differential(drafter, shared_data):
         pytest.skip("no lymphoma_nia/MCL images")
     report = drafter.draft(str(images[0]), "lymphoma")
     diff = report.morphologic_differential
-    prompt_entities = {ENTITY_ALIASES.get(c, c) for c in drafter.entities.classes}
+    prompt_entities = {ENTITY_ALIASES.get(c, c)
+                       for c in drafter.scorer.classifiers["lymphoma.json"].classes}
     assert NIA_ENTITIES <= prompt_entities
     assert diff[0].entity in prompt_entities
     assert [d.probability for d in diff] == sorted((d.probability for d in diff), reverse=True)

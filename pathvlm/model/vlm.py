@@ -260,12 +260,15 @@ class PathVLM(nn.Module):
             raise errors[0]
 
     def draft_report(self, input: Any, kind: str, clinical: dict[str, Any] | None = None,
-                     case: Any = None, findings_config: Any = None) -> Any:
+                     case: Any = None, findings_config: Any = None,
+                     min_confidence: float | None = None) -> Any:
         """A draft structured report (``pathvlm.reports``) of a slide, image, features or case;
-        ``findings_config``: a ``pathvlm.reports.from_model.FindingsConfig``."""
+        ``findings_config``: a ``pathvlm.reports.from_model.FindingsConfig``; ``min_confidence``:
+        threshold for image-decided values (None: the one chosen on val, calibration.json)."""
         from pathvlm.reports.from_model import ReportDrafter
 
-        return ReportDrafter(self, findings_config).draft(input, kind, clinical, case)
+        return ReportDrafter(self, findings_config).draft(input, kind, clinical, case,
+                                                          min_confidence=min_confidence)
 
     # -- persistence ------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path) -> Path:

@@ -13,10 +13,37 @@ from typing import Any
 
 from pathvlm.reports.fields import FieldSpec
 
-# (field spec, question, allowed options) -> raw answer: a value, or (value, confidence)
+# (field spec, question, allowed options) -> raw answer: a value, (value, confidence) or a
+# Proposal. A bare confidence is taken as a calibrated probability: the model side vouches for
+# it; scores it cannot vouch for come as Proposal(calibrated=False) and never fill a field.
 Chooser = Callable[[FieldSpec, str, list[str]], Any]
 
+
+@dataclass
+class Proposal:
+    """A value the model side proposes for one field, and what drafting needs to judge it.
+
+    Attributes:
+        value: the best value.
+        confidence: its probability (calibrated when `calibrated`); None when none applies.
+        considered: (value, probability) of the values weighed, best first.
+        evidence: per-slide evidence dicts (slide, tiles, heatmap) supporting `value`.
+        note: shown with the field.
+        calibrated: False for scores no labelled data has calibrated (an LLM's ranking).
+    """
+
+    value: Any
+    confidence: float | None = None
+    considered: list[tuple[Any, float]] = field(default_factory=list)
+    evidence: list[dict] = field(default_factory=list)
+    note: str | None = None
+    calibrated: bool = True
+
 CRC_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
+CRC_LABELS = {"ADI": "adipose tissue", "BACK": "background", "DEB": "debris/necrosis",
+              "LYM": "lymphocytes", "MUC": "mucus", "MUS": "smooth muscle",
+              "NORM": "normal colon mucosa", "STR": "cancer-associated stroma",
+              "TUM": "adenocarcinoma epithelium"}
 
 
 @dataclass
@@ -32,6 +59,10 @@ class SlideFindings:
         top_tiles: level-0 (x, y) of the most attended tiles.
         class_tiles: class or entity -> level-0 (x, y) of its most typical tiles.
         heatmap: reference (path or URI) of the attention heatmap.
+        heads: calibrated probabilities by head (`pathvlm.scoring`): head -> class -> p.
+            Empty for hand-built findings, which drafting then reads from the fractions above.
+        head_tiles: head -> class -> level-0 (x, y) of the tiles that most support that class.
+        tile_top: per tile, (tissue class, calibrated probability) of its top colorectal class.
     """
 
     slide: str
@@ -42,6 +73,9 @@ class SlideFindings:
     top_tiles: list[tuple[int, int]] = field(default_factory=list)
     class_tiles: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     heatmap: str | None = None
+    heads: dict[str, dict[str, float]] = field(default_factory=dict)
+    head_tiles: dict[str, dict[str, list[tuple[int, int]]]] = field(default_factory=dict)
+    tile_top: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def is_he(self) -> bool:
@@ -59,6 +93,9 @@ class ImageFindings:
         choose: optional LLM call that picks among a field's allowed values.
         model: model name recorded in the report.
         weights_hash: the model's weights hash, recorded in the report's provenance.
+        min_confidence: the threshold in force: a proposed value fills its field only when its
+            probability is at least this (None: nothing is filled from the image).
+        calibration: what the report says about the calibration behind the scores.
     """
 
     slides: list[SlideFindings] = field(default_factory=list)
@@ -66,3 +103,5 @@ class ImageFindings:
     choose: Chooser | None = None
     model: str = "none"
     weights_hash: str | None = None
+    min_confidence: float | None = 0.0
+    calibration: dict[str, Any] | None = None

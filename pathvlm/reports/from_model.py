@@ -1,10 +1,11 @@
-"""Image findings from a PathVLM: zero-shot tile composition, attention evidence, LLM choices.
+"""Image findings from a PathVLM: calibrated zero-shot heads, per-value evidence tiles, LLM.
 
-Per H&E slide the encoder's text tower scores every tile against the colorectal tissue prompts
-(tissue fractions = share of tiles whose argmax is each class) and the lymphoma prompts (entity
-probabilities, top-k pooled). Attention gives the top tiles. The LLM picks among a field's allowed
-values by log-likelihood (constrained decoding), and writes the narrative from the filled fields.
-Drafting (`pathvlm.reports.draft`) decides which of these a field may use.
+Per slide `pathvlm.scoring` gives calibrated probabilities of each head (lymphoma entity,
+colorectal tissue class per tile, carcinoma present, tumour in a node) and per-tile scores; the
+tiles that most support a value are that value's evidence. Fields no calibrated head decides
+abstain; with `llm_fields` the LLM ranks their allowed values (constrained decoding) and the
+report lists that ranking, marked uncalibrated, without filling the field. Drafting
+(`pathvlm.reports.draft`) decides what may fill what, at the threshold in force.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pathvlm.errors import ModelError
 from pathvlm.provenance import model_weights_hash
 from pathvlm.reports.fields import FieldSpec
-from pathvlm.reports.findings import ImageFindings, SlideFindings
-from pathvlm.resources import resolve_resource, resource_file
+from pathvlm.reports.findings import ImageFindings, Proposal, SlideFindings
 
 if TYPE_CHECKING:
     from pathvlm.case import Case
     from pathvlm.reports.schemas import ReportBase
+    from pathvlm.scoring import HeadScores, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -36,86 +36,91 @@ class FindingsConfig:
     """How findings are taken from the model.
 
     Attributes:
-        tissue_prompts, entity_prompts: prompt files or packaged names (None: crc_tissue, lymphoma).
-        top_k: tiles pooled per entity for the slide-level entity probabilities (MI-Zero).
-        n_top_tiles: attention tiles kept per slide; n_class_tiles: tiles kept per class.
-        constrained: let the LLM choose among allowed values for fields without a heuristic.
-        free_text_tokens: answer length for fields without an enumeration (0: do not ask).
-        narrative_tokens: LLM narrative length (0: the deterministic template).
+        n_top_tiles: attention tiles kept per slide (only computed when the LLM is used).
+        n_class_tiles: evidence tiles kept per value.
+        llm_fields: let the LLM rank the allowed values of fields without a calibrated head
+            (they still abstain; the report lists the ranking as uncalibrated). Costs about
+            one LLM forward per field.
+        free_text_tokens: with llm_fields, answer length for fields without an enumeration.
+        narrative_tokens: LLM narrative length (0: the deterministic template). LLM prose is
+            used only when it passes `narrative.check_prose`.
+        min_confidence: threshold in force (None: the one chosen on val in the calibration).
     """
 
-    tissue_prompts: str | Path | None = None
-    entity_prompts: str | Path | None = None
-    top_k: int = 10
     n_top_tiles: int = 8
     n_class_tiles: int = 4
-    constrained: bool = True
+    llm_fields: bool = False
     free_text_tokens: int = 12
-    narrative_tokens: int = 160
-
-
-def _prompt_file(given: str | Path | None, default: str) -> Path:
-    # the default is always the packaged set, never a same-named file in the working directory
-    return resolve_resource("prompts", given) if given else resource_file("prompts", default)
+    narrative_tokens: int = 0
+    min_confidence: float | None = None
 
 
 def _top_coords(coords: np.ndarray, scores: np.ndarray, n: int) -> list[tuple[int, int]]:
-    order = np.argsort(-scores)[:n]
+    order = np.argsort(-scores, kind="stable")[:n]
     return [(int(coords[i][0]), int(coords[i][1])) for i in order]
 
 
+def _support_tiles(h: HeadScores, coords: np.ndarray, n: int) -> dict[str, list[tuple[int, int]]]:
+    """Per class, the tiles that most support it over every other class (probability margin),
+    so two values of one slide cite different tiles wherever the slide has them."""
+    if not len(h.tile_probs):
+        return {}
+    out = {}
+    probs = h.tile_probs  # [N, C]
+    for c, name in enumerate(h.classes):
+        if h.classes == ["absent", "present"] and name == "absent":
+            continue
+        rest = np.delete(probs, c, axis=1).max(1) if probs.shape[1] > 1 else 0.0
+        out[name] = _top_coords(coords, probs[:, c] - rest, n)
+    return out
+
+
+def slide_findings(scores: Any, n_tiles: int) -> SlideFindings:
+    """SlideFindings of one slide's `pathvlm.scoring.SlideScores`."""
+    out = SlideFindings(scores.name, scores.stain or "H&E")
+    coords = scores.coords
+    for name, h in scores.heads.items():
+        out.heads[name] = {c: float(p) for c, p in zip(h.classes, h.probs)}
+        out.head_tiles[name] = _support_tiles(h, coords, n_tiles)
+    tissue = scores.heads.get("crc_tissue")
+    if tissue is not None and len(tissue.tile_probs):
+        top = tissue.tile_probs.argmax(1)
+        out.tile_top = [(tissue.classes[i], float(tissue.tile_probs[k, i]))
+                        for k, i in enumerate(top)]
+        for c, name in enumerate(tissue.classes):
+            out.tissue_fractions[name] = float((top == c).mean())
+        out.class_tiles.update(out.head_tiles["crc_tissue"])
+    entity = scores.heads.get("lymphoma_entity")
+    if entity is not None:
+        out.entity_probs = dict(out.heads["lymphoma_entity"])
+        for name, tiles in out.head_tiles["lymphoma_entity"].items():
+            out.class_tiles.setdefault(name, tiles)
+    return out
+
+
 class ReportDrafter:
-    """Draft reports with one PathVLM; text embeddings of the prompts are computed once.
+    """Draft reports with one PathVLM; its calibrated scorer is built once per model.
 
     Args:
         model: a PathVLM.
         cfg: a FindingsConfig.
+        scorer: a `pathvlm.scoring.Scorer` (default: the model's own, with its calibration).
     """
 
-    def __init__(self, model: Any, cfg: FindingsConfig | None = None):
-        self.model, self.cfg = model, cfg or FindingsConfig()
-        self.tissue = self.entities = None
-        self.no_zero_shot: str | None = None
-        encoder = getattr(model, "encoder", None)
-        if encoder is None or not getattr(encoder, "has_text", False):
-            what = "no patch encoder" if encoder is None else f"encoder {encoder.name} has no text tower"
-            self.no_zero_shot = f"{what}: no zero-shot tissue composition or entity scores"
-            log.warning("%s; image fields rely on the LLM only", self.no_zero_shot)
-            return
-        from pathvlm.zeroshot import ZeroShotClassifier
+    def __init__(self, model: Any, cfg: FindingsConfig | None = None,
+                 scorer: Scorer | None = None):
+        from pathvlm.scoring import get_scorer
 
-        self.tissue = ZeroShotClassifier(model, prompts=_prompt_file(self.cfg.tissue_prompts,
-                                                                    "crc_tissue"),
-                                         top_k=self.cfg.top_k, progress=False)
-        self.entities = ZeroShotClassifier(model, prompts=_prompt_file(self.cfg.entity_prompts,
-                                                                      "lymphoma"),
-                                           top_k=self.cfg.top_k, progress=False)
+        self.model, self.cfg = model, cfg or FindingsConfig()
+        self.scorer = scorer or get_scorer(model)
+        if self.scorer.unavailable:
+            log.warning("%s; image fields abstain", self.scorer.unavailable)
+
+    @property
+    def no_zero_shot(self) -> str | None:
+        return self.scorer.unavailable
 
     # -- findings ---------------------------------------------------------------------------
-    def _zero_shot(self, s: Any, out: SlideFindings) -> None:
-        if self.tissue is None or not out.is_he or s.bag.features.shape[0] == 0:
-            return
-        try:
-            tissue = self.tissue.predict_features(s.bag)
-            entities = self.entities.predict_features(s.bag)
-        except ModelError as exc:  # features from another encoder: no zero-shot on this slide
-            log.warning("%s: zero-shot skipped (%s)", s.source, exc)
-            return
-        probs = tissue.tile_probs  # [N, C]
-        label = probs.argmax(axis=1)
-        coords = np.asarray(tissue.coords)
-        for c, name in enumerate(tissue.classes):
-            out.tissue_fractions[name] = float((label == c).mean())
-            mine = label == c
-            if mine.any():
-                out.class_tiles[name] = _top_coords(coords[mine], probs[mine, c],
-                                                    self.cfg.n_class_tiles)
-        eprobs, etiles = entities.probs, entities.tile_probs  # [E], [N, E]
-        for e, name in enumerate(entities.classes):
-            out.entity_probs[name] = float(eprobs[e])
-            out.class_tiles.setdefault(name, _top_coords(coords, etiles[:, e],
-                                                         self.cfg.n_class_tiles))
-
     def findings(self, input: Any) -> tuple[ImageFindings, list[Any]]:
         """ImageFindings of every slide in `input` and the resolved slide inputs."""
         from pathvlm.model.inputs import resolve_inputs
@@ -124,25 +129,29 @@ class ReportDrafter:
         m = self.model
         tile = TileConfig(mpp=m.cfg.tile_mpp, size=m.cfg.tile_size)
         slides = resolve_inputs(input, m.encoder, m.transform, tile)
-        with torch.no_grad():
-            embeds, slots = m.slide_embeddings(slides)
-        found = []
-        for i, (s, att) in enumerate(zip(slides, m.last_attention)):
-            name = s.name or f"input{i + 1}"
-            out = SlideFindings(name, s.stain or "H&E")
-            weights = att["attention"].float().mean(0).numpy() if att["attention"].numel() else None
-            if weights is not None and weights.size:
-                out.top_tiles = _top_coords(np.asarray(att["coords"]), weights,
-                                            self.cfg.n_top_tiles)
-            self._zero_shot(s, out)
-            found.append(out)
-        chooser = _LLMChooser(m, embeds, slots, self.cfg) if self.cfg.constrained and slides else None
-        return ImageFindings(found, choose=chooser, model=_model_name(m),
-                             weights_hash=model_weights_hash(m)), slides
+        found = [slide_findings(s, self.cfg.n_class_tiles)
+                 for s in self.scorer.score_slides(slides)]
+        chooser = None
+        if slides and (self.cfg.llm_fields or self.cfg.narrative_tokens > 0):
+            with torch.no_grad():  # slide tokens only when the LLM reads them
+                embeds, slots = m.slide_embeddings(slides)
+            for out, att in zip(found, m.last_attention):
+                weights = att["attention"].float().mean(0).numpy() if att["attention"].numel() else None
+                if weights is not None and weights.size:
+                    out.top_tiles = _top_coords(np.asarray(att["coords"]), weights,
+                                                self.cfg.n_top_tiles)
+            if self.cfg.llm_fields:
+                chooser = _LLMChooser(m, embeds, slots, self.cfg)
+        status = self.scorer.status()
+        threshold = status["min_confidence"] if status["calibrated"] else None
+        return ImageFindings(found, choose=chooser, model=_model_name(m), min_confidence=threshold,
+                             calibration=status, weights_hash=model_weights_hash(m)), slides
 
     def draft(self, input: Any, kind: str, clinical: Mapping[str, Any] | None = None,
-              case: Case | None = None) -> ReportBase:
-        """A draft report of type `kind` for a slide, image, feature file, case or case file."""
+              case: Case | None = None, min_confidence: float | None = None) -> ReportBase:
+        """A draft report of type `kind` for a slide, image, feature file, case or case file.
+
+        `min_confidence` overrides the threshold chosen on val (and `cfg.min_confidence`)."""
         from pathvlm.case import Case, load_case
         from pathvlm.model.inputs import CASE_SUFFIXES
         from pathvlm.reports.draft import draft_report
@@ -156,10 +165,9 @@ class ReportDrafter:
         if self.cfg.narrative_tokens > 0:
             def narrator(prompt: str) -> str:
                 return self.model.ask(None, prompt, max_new_tokens=self.cfg.narrative_tokens)
-        report = draft_report(findings, kind, clinical, case=case, narrator=narrator)
-        if self.no_zero_shot:
-            report.flags.append(self.no_zero_shot)
-        return report
+        threshold = min_confidence if min_confidence is not None else self.cfg.min_confidence
+        return draft_report(findings, kind, clinical, case=case, narrator=narrator,
+                            min_confidence=threshold)
 
 
 def _model_name(model: Any) -> str:
@@ -172,8 +180,9 @@ class _LLMChooser:
     """Constrained decoding: the option with the highest mean token log-likelihood wins.
 
     The slide tokens are computed once per draft; each question is one batched forward over all
-    options (prompt + option, right-padded). Confidence is the softmax over option scores, so
-    it says how the model ranks the allowed values, not how often it is right.
+    options (prompt + option, right-padded). The softmax over option scores says how the model
+    ranks the allowed values, not how often it is right: it comes back as an uncalibrated
+    Proposal, which drafting lists but never fills.
     """
 
     def __init__(self, model: Any, embeds: torch.Tensor, slots: list[Any], cfg: FindingsConfig):
@@ -225,10 +234,14 @@ class _LLMChooser:
         return m.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
     def __call__(self, spec: FieldSpec, question: str, options: list[str]) -> Any:
-        if not options:  # numbers/strings: a short answer that drafting validates or rejects
-            return self._free_text(question)
+        if not options:  # numbers/strings: a short answer, shown but never filled
+            return Proposal(self._free_text(question), None, calibrated=False,
+                            note="LLM free-text answer, not calibrated")
         s = self.scores(question, options)
         p = np.exp(s - s.max())
         p /= p.sum()
-        best = int(np.argmax(s))
-        return options[best], float(round(p[best], 4))
+        order = np.argsort(-p, kind="stable")
+        ranked = [(options[i], float(round(p[i], 4))) for i in order[:5]]
+        return Proposal(ranked[0][0], None, ranked, calibrated=False,
+                        note="LLM ranking of the allowed values (softmax of option "
+                        "likelihoods), not calibrated")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathvlm.errors import ConfigError
 from pathvlm.reports.fhir import to_fhir
 from pathvlm.reports.fields import Assess
+from pathvlm.reports.findings import CRC_LABELS
 from pathvlm.reports.narrative import _show
 from pathvlm.reports.schemas import BANNER, ReportBase, get_report_type
 
@@ -34,6 +35,7 @@ def render_markdown(report: ReportBase) -> str:
     lines += [f"Model: `{data['model']}` - generated {data['generated_at']}", ""]
     if data.get("provenance"):
         lines += ["Provenance: " + ", ".join(f"{k} `{v}`" for k, v in data["provenance"].items()), ""]
+    lines += [_threshold_line(data), ""]
     if data.get("slides"):
         lines += ["## Slides", ""] + [
             f"- {s['name']}: {s['stain']}" + (f", part {s['part']}" if s.get("part") else "")
@@ -45,16 +47,30 @@ def render_markdown(report: ReportBase) -> str:
     ddx = data.get("morphologic_differential")
     if ddx is not None:
         lines += ["## Morphologic differential (impression only - requires ancillary testing)",
-                  "", "| # | entity | probability | confirm with | entered results |",
-                  "|---|---|---|---|---|"]
+                  "", "| # | entity | probability | confirm with | entered results | tiles |",
+                  "|---|---|---|---|---|---|"]
         for i, d in enumerate(ddx, 1):
             results = "; ".join([f"for: {x}" for x in d["supported_by"]]
                                 + [f"against: {x}" for x in d["contradicted_by"]]) or "-"
             lines.append(f"| {i} | {d['entity']} | {d['probability']:.2f} | "
-                         f"{', '.join(d['confirm_with'])} | {_md_cell(results)} |")
+                         f"{', '.join(d['confirm_with'])} | {_md_cell(results)} | "
+                         f"{_md_cell(_tiles(d.get('evidence', [])))} |")
         if not ddx:
-            lines.append("| - | no image evidence | - | - | - |")
+            lines.append("| - | no image evidence | - | - | - | - |")
         lines.append("")
+    comp = data.get("tissue_composition")
+    if comp:
+        pred = comp["predominant"]
+        lines += ["## Tissue composition (colorectal tissue classes of the tiles)", "",
+                  f"{comp['n_tiles']} tile(s); a tile counts for a class when its calibrated "
+                  "probability clears the threshold. Predominant: "
+                  + (f"**{pred['label']}** ({pred['probability']:.2f})" if pred["determined"]
+                     else f"not determined (best {pred['label']} at {pred['probability']:.2f})"),
+                  "", "| class | share of tiles | tiles |", "|---|---|---|"]
+        for c, frac in sorted(comp["fractions"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {CRC_LABELS.get(c, c)} | {frac:.0%} | "
+                         f"{_md_cell(_tiles(comp.get('evidence', {}).get(c, [])))} |")
+        lines += [f"| undetermined | {comp['undetermined']:.0%} | - |", ""]
     lines += ["## Fields", "", "| field | value or reason | source | confidence | evidence |",
               "|---|---|---|---|---|"]
     for spec in rtype.fields:
@@ -65,16 +81,37 @@ def render_markdown(report: ReportBase) -> str:
             shown = f"_{e['reason'].replace('_', ' ')}_"
         if e.get("note"):
             shown += f" ({_md_cell(e['note'])})"
-        evidence = "; ".join(
-            f"{ev['slide']} @ " + (", ".join(f"({x},{y})" for x, y in ev["tiles"][:3]) or "-")
-            + (f" [heatmap {ev['heatmap']}]" if ev.get("heatmap") else "")
-            for ev in e.get("evidence", [])) or "-"
+        if e.get("considered") and "value" not in e:
+            shown += " - considered: " + _md_cell(", ".join(
+                f"{_show(c['value'])} {c['probability']:.2f}" for c in e["considered"]))
+        evidence = _tiles(e.get("evidence", []))
         conf = f"{e['confidence']:.2f}" if e.get("confidence") is not None else "-"
         tag = "" if spec.assess == Assess.HE else f" [{spec.assess.value}]"
         lines.append(f"| {spec.label}{tag} | {shown} | {e.get('source') or '-'} | {conf} | "
                      f"{_md_cell(evidence)} |")
     lines += ["", f"_{BANNER}_", ""]
     return "\n".join(lines)
+
+
+def _tiles(evidence: list[dict]) -> str:
+    return "; ".join(
+        f"{ev['slide']} @ " + (", ".join(f"({x},{y})" for x, y in ev["tiles"][:3]) or "-")
+        + (f" [heatmap {ev['heatmap']}]" if ev.get("heatmap") else "")
+        for ev in evidence) or "-"
+
+
+def _threshold_line(data: dict) -> str:
+    t, cal = data.get("min_confidence"), data.get("calibration") or {}
+    if t is None:
+        return ("**Threshold in force: none** - the model is uncalibrated, so no field is "
+                "filled from the image" + (f" ({cal['problem']})" if cal.get("problem") else "")
+                + ".")
+    origin = ("set by the user" if cal.get("threshold_from") == "user" else
+              f"chosen on the val split for selective precision {cal['target_precision']:.2f}"
+              if cal.get("target_precision") else "given with the image findings")
+    return (f"**Threshold in force (min_confidence): {t:.2f}** ({origin}): an image-decided "
+            "field holds a value only when its calibrated probability is at least this; "
+            "otherwise it says it cannot be determined and lists what was considered.")
 
 
 RENDERERS: dict[str, Callable[[ReportBase], str]] = {

@@ -73,6 +73,14 @@ class Evidence(BaseModel):
     heatmap: str | None = None
 
 
+class Considered(BaseModel):
+    """A value the model weighed for a field, with its probability."""
+
+    model_config = ConfigDict(extra="forbid")
+    value: Any
+    probability: float = Field(ge=0.0, le=1.0)
+
+
 class FieldEntry(BaseModel):
     """Base of every field entry: exactly one of value and reason."""
 
@@ -82,6 +90,9 @@ class FieldEntry(BaseModel):
     evidence: list[Evidence] = Field(default_factory=list)
     source: Source | None = None
     note: str | None = None
+    considered: list[Considered] | None = Field(
+        default=None, description="values weighed with their probabilities, best first (an "
+        "abstaining field lists what it did not fill)")
 
     @model_validator(mode="after")
     def _value_xor_reason(self) -> FieldEntry:
@@ -103,6 +114,8 @@ class DifferentialEntry(BaseModel):
     status: str = "morphologic impression only - requires ancillary testing"
     supported_by: list[str] = Field(default_factory=list)
     contradicted_by: list[str] = Field(default_factory=list)
+    evidence: list[Evidence] = Field(default_factory=list,
+                                     description="tiles that most support this entity")
 
 
 def _value_type(spec: FieldSpec) -> Any:
@@ -146,6 +159,12 @@ class ReportBase(BaseModel):
     case_id: str | None = None
     slides: list[dict[str, Any]] | None = None
     ancillary_results: list[dict[str, Any]] | None = None
+    min_confidence: float | None = Field(
+        default=None, ge=0.0, description="threshold in force: an image-decided field holds a "
+        "value only when its calibrated probability is at least this (null: none may)")
+    calibration: dict[str, Any] | None = None
+    tissue_composition: dict[str, Any] | None = None
+    narrative_source: Literal["template", "llm"] = "template"
 
     @model_validator(mode="after")
     def _provenance(self) -> ReportBase:
@@ -170,9 +189,11 @@ class ReportBase(BaseModel):
         data = self.model_dump(mode="json", exclude_none=False)
         for entry in data["fields"].values():
             entry.pop("reason" if entry.get("value") is not None else "value")
-            if entry.get("note") is None:
-                entry.pop("note", None)
-        for key in ("case_id", "slides", "ancillary_results", "provenance"):
+            for key in ("note", "considered"):
+                if entry.get(key) is None:
+                    entry.pop(key, None)
+        for key in ("case_id", "slides", "ancillary_results", "provenance", "calibration",
+                    "tissue_composition"):
             if data.get(key) is None:
                 data.pop(key)
         return data
