@@ -359,6 +359,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     vqa.add_argument("--limit", type=int, help="only the first N images")
     vqa.set_defaults(func=_cmd_eval_vqa)
     _add_eval_report(tasks)
+    _add_eval_chat(tasks)
 
 
 def _print_eval(result: dict) -> None:
@@ -691,6 +692,37 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     cal.save(out)
     print(markdown_table(cal), end="")
     print(f"wrote {out} ({cal.meta['seconds']:.0f} s)")
+    return 0
+
+
+def _add_eval_chat(tasks: argparse._SubParsersAction) -> None:
+    p = tasks.add_parser("chat", help="chat questions of every type, checked per type (facts, refusals, next steps, ...)")
+    p.add_argument("--data", required=True, action="append",
+                   help="instruction JSONL built by `pathvlm data build` (val split); repeat for several")
+    p.add_argument("--model", default="demo", help="run directory or registered model name")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write metrics JSON (+ Markdown, answers)")
+    p.add_argument("--per-type", type=int, default=30, help="questions per type and data file (0: all)")
+    p.add_argument("--cases", help="packaged example cases, comma separated (default: all that load)")
+    p.add_argument("--consistency-limit", type=int, help="only the first N images in the top-entity comparison")
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_eval_chat)
+
+
+def _cmd_eval_chat(args: argparse.Namespace) -> int:
+    from pathvlm.eval.chat_eval import ChatEvalConfig, run_chat_eval
+    from pathvlm.model import load_model
+
+    cfg = ChatEvalConfig(per_type=args.per_type, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                         consistency_limit=args.consistency_limit,
+                         cases=tuple(c for c in args.cases.split(",") if c) if args.cases else None)
+    result = run_chat_eval(load_model(args.model), args.data, cfg, {"model": args.model}, args.json_out)
+    for name, e in result["per_type"].items():
+        print(f"{name:14s} {e['accuracy']:.3f}  (95% CI {e['ci95'][0]:.3f}-{e['ci95'][1]:.3f}, n={e['n']})")
+    a = result["top_entity_agreement"]
+    print(f"{'top entity == report':14s} {a['agree']}/{a['n']}")
+    for path in result.get("files", {}).values():
+        print(f"wrote {path}")
     return 0
 
 

@@ -84,11 +84,27 @@ def case_facts(input: Any, case: Any = None) -> dlg.CaseFacts:
     return dlg.CaseFacts(slides)
 
 
+def _input_key(source: Any) -> tuple | None:
+    """A key that changes when the files change: paths with size and mtime (None: do not cache)."""
+    from pathvlm.case import Case
+
+    refs = [(r.path, r.stain, r.part) for r in source.slides] if isinstance(source, Case) else \
+        [(source, None, None)] if isinstance(source, (str, Path)) else None
+    if not refs:
+        return None
+    try:
+        return tuple((str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns, stain, part)
+                     for p, stain, part in refs)
+    except OSError:
+        return None
+
+
 class ChatAssistant:
     """Routes questions for one PathVLM; the report drafter (prompt encodings) is built once."""
 
     def __init__(self, model: Any, cfg: ChatConfig | None = None):
         self.model, self.cfg = model, cfg or ChatConfig()
+        self._resolved: dict[tuple, list[Any]] = {}  # the last input's encoded slides
 
     @cached_property
     def findings_config(self) -> Any:
@@ -110,7 +126,8 @@ class ChatAssistant:
         return out
 
     # -- scores -----------------------------------------------------------------------------
-    def scores(self, input: Any, case: Any = None, question: str = "") -> tuple[str, list[tuple[str, float]]]:
+    def scores(self, input: Any, case: Any = None, question: str = "",
+               history: list[dict[str, str]] | None = None) -> tuple[str, list[tuple[str, float]]]:
         """(domain, ranked (name, probability)): the lymphoma report's morphologic differential
         for the same input and case, or the colorectal tissue head of `pathvlm.scoring`. Empty
         when the model cannot score images (no text tower)."""
@@ -124,9 +141,16 @@ class ChatAssistant:
         m, real = self.model, _case_of(input, case)
         # the app passes its already encoded slides with the case: score those, not the paths
         source = real if real is not None and not isinstance(input, (list, tuple)) else input
-        slides = resolve_inputs(source, m.encoder, m.transform, TileConfig(mpp=m.cfg.tile_mpp, size=m.cfg.tile_size))
+        key = _input_key(source)
+        slides = self._resolved.get(key) if key else None
+        if slides is None:
+            slides = resolve_inputs(source, m.encoder, m.transform, TileConfig(mpp=m.cfg.tile_mpp, size=m.cfg.tile_size))
+            if key:  # follow-ups on the same slides do not encode them again
+                self._resolved = {key: slides}
         scored: list[Any] = []
-        domain = self._domain(question, real, case)
+        # a follow-up stays in the domain of the conversation it follows
+        said = " ".join([question, *(t.get("content", "") for t in history or ())])
+        domain = self._domain(said, real, case)
         if domain == "auto":
             scored = scorer.score_slides(slides)
             domain = "lymphoma" if self._tissue(scored)[:1] and self._tissue(scored)[0][0] in LYMPHOID_TISSUE \
@@ -229,7 +253,7 @@ class ChatAssistant:
             return Reply(route, dlg.refusal(route.detail or "clinical"))
         if route.kind not in ("classify", "next_steps", "followup"):
             return Reply(route)
-        domain, ranked = self.scores(input, case, question)
+        domain, ranked = self.scores(input, case, question, history)
         if not ranked:  # no text tower: the LLM answers on its own
             return Reply(route, domain=domain)
         reply = Reply(route, domain=domain, differential=ranked)

@@ -1,0 +1,81 @@
+"""`pathvlm eval chat` on a tiny random model: every type is asked and checked, the checks can fail,
+JSON + Markdown + answers are written, and the chat's top entity is the report's on every image."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pathvlm.chat.assistant import Reply
+from pathvlm.chat.router import Route
+from pathvlm.data import BuildConfig, build_datasets
+from pathvlm.data import dialogue as dlg
+from pathvlm.eval.chat_eval import (
+    ChatEvalConfig,
+    Item,
+    Reference,
+    check,
+    fact_expectations,
+    run_chat_eval,
+)
+from pathvlm.model import ModelConfig, build_model
+from tests.test_data_builders import LYMPHOMA_YAML, _index
+from tests.test_vlm import TINY_LLM
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(encoder="openclip:pathvlm-tiny", n_tokens=4, hidden_dim=32, llm_config=TINY_LLM,
+                                   max_case_tokens=8, tile_mpp=4.0, tile_size=64))
+
+
+@pytest.fixture(scope="module")
+def val_file(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chat_eval")
+    index = _index(tmp / "imgs", specimens=2, per_specimen=2)
+    build_datasets(index, tmp / "out", BuildConfig(classes=str(LYMPHOMA_YAML), val_fraction=0.5, chat_per_image=8))
+    return tmp / "out" / "instruct_val.jsonl"
+
+
+def test_eval_chat_scores_every_type_and_writes_its_files(model, val_file, tmp_path):
+    cfg = ChatEvalConfig(per_type=3, cases=(), max_new_tokens=4, n_boot=50)
+    result = run_chat_eval(model, [str(val_file)], cfg, {"model": "tiny"}, tmp_path / "chat.json")
+    per = result["per_type"]
+    assert set(per) == set(dlg.QUESTION_TYPES)
+    # routed types are decided by the case, the rules and the scores: exact even with random weights
+    for t in ("facts", "out_of_scope", "next_steps", "classify", "followup"):
+        assert per[t]["accuracy"] == 1.0, (t, per[t])
+        assert per[t]["routed_as_asked"] == 1.0
+    assert per["facts"]["ci95"][0] <= per["facts"]["accuracy"] <= per["facts"]["ci95"][1]
+    agreement = result["top_entity_agreement"]
+    assert agreement["n"] > 0 and agreement["agree"] == agreement["n"]
+    saved = json.loads((tmp_path / "chat.json").read_text())
+    assert saved["per_type"]["facts"]["n"] == 3
+    assert "| facts | 3 |" in (tmp_path / "chat.md").read_text()
+    answers = [json.loads(line) for line in (tmp_path / "chat_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == result["n"] and all("ok" in a for a in answers)
+
+
+def test_checks_fail_wrong_answers(model, val_file):
+    facts = dlg.CaseFacts([dlg.SlideFact("A1"), dlg.SlideFact("A2", "IHC:CD5", "A")],
+                          [dlg.ResultFact("IHC", "CD5", "positive")])
+    assert fact_expectations("immunostain", facts, None, None) == ["A2"]
+    assert fact_expectations("marker_result", facts, "CD10", None) == ["No CD10 result"]
+    ref = Reference(model)
+    item = Item("facts", "immunostain", "x.png", "Which slide shows the immunostain?", case=facts)
+    route = Route("facts", "immunostain")
+    assert check(item, "The immunostain is A2 (IHC:CD5, part A).", Reply(route, "x"), ref, model)["ok"]
+    assert not check(item, "The immunostain is A1.", Reply(route, "x"), ref, model)["ok"]
+    refusal = Item("out_of_scope", "prognosis", "x.png", "What is the prognosis?")
+    assert check(refusal, dlg.refusal("prognosis"), Reply(Route("out_of_scope", "prognosis")), ref, model)["ok"]
+    assert not check(refusal, "Most consistent with Follicular lymphoma.", Reply(Route("classify")), ref, model)["ok"]
+    image = json.loads(val_file.read_text().splitlines()[0])["image"]
+    reply = model.chat.reply(image, "What is the most likely lymphoma?")
+    item = Item("classify", None, image, "What is the most likely lymphoma?")
+    assert check(item, reply.text, reply, ref, model)["ok"]
+    other = next(e for e, _ in reply.differential[1:])
+    wrong = Reply(reply.route, domain="lymphoma", differential=[(other, 0.9)])
+    assert not check(item, f"Most consistent with {other}.", wrong, ref, model)["ok"]
