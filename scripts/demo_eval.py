@@ -37,6 +37,25 @@ def _ci(result: dict, key: str = "balanced_accuracy") -> str:
     return f"{result[key]:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _chat(data: Path, out: Path, model: str) -> list[tuple[str, str, str]]:
+    """`pathvlm eval chat` on the val questions `pathvlm data build` writes (and the packaged cases)."""
+    val = []
+    for short, (folder, classes) in SETS.items():
+        built = out / "chatdata" / short
+        extra = ["--case-pattern", "^(sj-05-6124)"] if short == "lymphoma" else []
+        _pathvlm(["data", "build", str(data / folder / "index.csv"), "--classes", classes, "-o", str(built), *extra])
+        val += ["--data", str(built / "instruct_val.jsonl")]
+    js = out / "chat.json"
+    _pathvlm(["eval", "chat", "--model", model, *val, "--per-type", "15", "--max-new-tokens", "40",
+              "--json", str(js)])
+    r = json.loads(js.read_text())
+    rows = [(f"chat {t} (n={e['n']})", f"{e['accuracy']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]",
+             f"{e.get('accuracy_paraphrased', float('nan')):.3f} reworded") for t, e in r["per_type"].items()]
+    a = r["top_entity_agreement"]
+    rows.append(("chat top entity == report top entity (every val image)", f"{a['agree']}/{a['n']}", ""))
+    return rows
+
+
 def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
@@ -70,6 +89,7 @@ def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path
         r = json.loads(js.read_text())
         rows.append(("lymphoma report: top entity accuracy; ancillary wrongly filled",
                      f"{r['top_entity_accuracy']:.3f}", f"{r['ancillary_wrongly_filled_share']:.3f}"))
+        rows += _chat(data, out, model)
     table = "| evaluation (val split) | balanced acc. [95% CI] or value | accuracy / second value |\n"
     table += "|---|---|---|\n" + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
     summary = out / "summary.md"
