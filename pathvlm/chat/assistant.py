@@ -24,7 +24,7 @@ from pathvlm.data.classes import ClassInfo, load_class_set
 
 log = logging.getLogger(__name__)
 
-LYMPHOMA_WORDS = re.compile(r"lymphom|lymph node|lymphoid|leuk[a]?emia|hodgkin|\b(cll|sll|fl|mcl|dlbcl|chl)\b",
+LYMPHOMA_WORDS = re.compile(r"lymphom|leuk[a]?emia|hodgkin|\b(cll|sll|fl|mcl|dlbcl|chl)\b",
                             re.IGNORECASE)
 LYMPHOID_TISSUE = ("LYM",)  # tissue classes whose fields call for the lymphoma differential
 
