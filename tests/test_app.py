@@ -177,6 +177,11 @@ def test_heatmaps_region_zeroshot_and_case(model, ihc_png, tmp_path):
     assert "not added" in h.add_ancillary("IHC", "CD20", "maybe", s)[2]
     *_, final = h.ask("Summarise the case.", "whole case", False, s)
     assert final[-1] == "done"
+    # case facts come from the case tab (slides, stains, entered results), not from the pixels
+    *_, final = h.ask("Which slide shows the immunostain?", "active slide", False, s)
+    assert final[0][-1]["content"] == "The immunostain or special stain is block_b (IHC:CD20)."
+    *_, final = h.ask("What is the CD20 result?", "active slide", True, s)  # also with a zoomed region
+    assert final[0][-1]["content"] == "CD20 positive (IHC), as entered in the case."
     _, js, *_, status = h.report("lymphoma", "Excisional biopsy", "cervical lymph node", None, None,
                                   None, s)
     data = json.loads(Path(js).read_text(encoding="utf-8"))
