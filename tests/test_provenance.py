@@ -111,5 +111,5 @@ def test_drafting_from_a_model_records_its_hash(tmp_path):
     torch.manual_seed(0)
     model = load_model(build_model(tiny_config()).save_pretrained(tmp_path / "run"))
     report = model.draft_report(bag(12), "colorectal_resection", findings_config=FindingsConfig(
-        constrained=False, free_text_tokens=0, narrative_tokens=0))
+        llm_fields=False, narrative_tokens=0))
     assert report.to_json_dict()["provenance"]["weights_hash"] == model.weights_hash

@@ -57,10 +57,10 @@ lap("ask")
 from pathvlm.reports import render_report
 from pathvlm.reports.from_model import FindingsConfig
 
-# zero-shot and attention findings only: the LLM's per-field choices would add minutes on CPU
-# and test drafting, not packaging
+# calibrated heads and the template narrative; LLM field choices would add minutes on CPU and
+# test drafting, not packaging
 report = model.draft_report(image, "colorectal_biopsy", findings_config=FindingsConfig(
-    constrained=False, free_text_tokens=0, narrative_tokens=0))
+    llm_fields=False, narrative_tokens=0))
 out["report"] = json.loads(render_report(report, "json"))
 lap("report")
 
