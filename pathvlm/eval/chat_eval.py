@@ -150,14 +150,17 @@ def items_from_cases(names: tuple[str, ...] | None) -> tuple[list[Item], list[st
             for text, marker in pairs:
                 slide = facts.slides[-1].name if "{slide}" in text else None
                 out.append(Item("facts", kind, case, text.format(marker=marker, slide=slide), case=case,
-                                group=src, source=src, meta={"marker": marker, "asked_slide": slide}))
-        for kind, (questions, _) in dlg.OUT_OF_SCOPE.items():
-            for q in (*questions, *PARAPHRASES["out_of_scope"][kind]):
-                out.append(Item("out_of_scope", kind, case, q, case=case, group=src, source=src))
-        for q in (*dlg.QUESTIONS["next_steps"], *PARAPHRASES["next_steps"][""]):
-            out.append(Item("next_steps", None, case, q, case=case, group=src, source=src))
-        for q in (*dlg.QUESTIONS["classify"][:2], *PARAPHRASES["classify"][""]):
-            out.append(Item("classify", None, case, q, case=case, group=src, source=src))
+                                group=src, source=src, meta={"marker": marker, "asked_slide": slide,
+                                                             "paraphrase": text not in questions}))
+        asked = [("out_of_scope", kind, (*questions, *PARAPHRASES["out_of_scope"][kind]), questions)
+                 for kind, (questions, _) in dlg.OUT_OF_SCOPE.items()]
+        asked += [("next_steps", None, (*dlg.QUESTIONS["next_steps"], *PARAPHRASES["next_steps"][""]),
+                   dlg.QUESTIONS["next_steps"]),
+                  ("classify", None, (*dlg.QUESTIONS["classify"][:2], *PARAPHRASES["classify"][""]),
+                   dlg.QUESTIONS["classify"])]
+        for t, kind, texts, trained in asked:
+            out += [Item(t, kind, case, q, case=case, group=src, source=src, meta={"paraphrase": q not in trained})
+                    for q in texts]
     return out, skipped
 
 
