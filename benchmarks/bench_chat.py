@@ -1,7 +1,8 @@
 """Chat speed on CPU with SmolLM2-135M: model load, time to first token, decode rate vs plain
-generate, aggregator scaling (1k-100k patches) and multi-slide cases.
+generate (fp32, bf16 autocast and ``auto`` precision side by side), aggregator scaling (1k-100k
+patches) and multi-slide cases.
 
-    .venv/bin/python benchmarks/bench_chat.py [--quick]
+    .venv/bin/python benchmarks/bench_chat.py [--quick] [--precision-only]
 
 Memory: each aggregator size and each case runs in a fresh subprocess; the figure is the peak
 resident set size during the step (kernel high-water mark, reset just before) minus the RSS at
@@ -74,7 +75,8 @@ def bench_load() -> tuple:
     return cold, warm
 
 
-def bench_decode(model, feats, n_new: int) -> dict:
+def bench_decode(model, feats, n_new: int,
+                 which: tuple[str, ...] = ("pathvlm", "pathvlm ask (routed)", "plain")) -> dict:
     """TTFT and decode tok/s, PathVLM (slide via inputs_embeds) vs plain generate, same length."""
     llm, tok = model.llm, model.tokenizer
     q = "Describe the main findings on this slide."
@@ -97,9 +99,38 @@ def bench_decode(model, feats, n_new: int) -> dict:
 
     out = {"prompt_len": embeds.shape[1]}
     for name, f in (("pathvlm", vlm), ("pathvlm ask (routed)", asked), ("plain", plain)):
+        if name not in which:
+            continue
         t1, tn = timed(f(1), 3), timed(f(n_new), 2)
         out[name] = (t1, (n_new - 1) / (tn - t1))
+    out["ids"] = model.generate_ids(feats, q, max_new_tokens=n_new)[0].tolist()  # greedy answer
     return out
+
+
+def bench_precisions(model, feats, n_new: int) -> None:
+    """Decode and TTFT in fp32, under bf16 autocast (fp32 weights), and at ``auto`` (weights cast by
+    `PathVLM.set_precision`), each for PathVLM and for plain generate of the same LLM."""
+    from pathvlm.precision import autocast, resolve_precision
+
+    auto = resolve_precision("auto", "cpu")
+    rows = {}
+    model.set_precision("fp32")
+    rows["fp32"] = bench_decode(model, feats, n_new, ("pathvlm", "plain"))
+    with autocast("bf16", "cpu"):
+        rows["bf16 autocast, fp32 weights"] = bench_decode(model, feats, n_new, ("pathvlm", "plain"))
+    model.set_precision("auto")
+    rows[f"auto ({auto}, weights cast)"] = bench_decode(model, feats, n_new, ("pathvlm", "plain"))
+    model.set_precision("fp32")
+    print(f"\n## Precision: decode, prompt {rows['fp32']['prompt_len']} tokens, {n_new} new tokens, greedy\n"
+          "| precision | PathVLM TTFT | PathVLM decode tok/s | plain generate TTFT | plain decode tok/s | "
+          "PathVLM decode / fp32 plain decode | greedy ids vs fp32 |\n|---|---|---|---|---|---|---|")
+    base, ref_ids = rows["fp32"]["plain"][1], rows["fp32"]["ids"]
+    for name, d in rows.items():
+        ids = d["ids"]
+        first = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), None)
+        same = "identical" if ids == ref_ids else f"first differs at token {first if first is not None else min(len(ids), len(ref_ids))}"
+        print(f"| {name} | {d['pathvlm'][0] * 1000:.0f} ms | {d['pathvlm'][1]:.1f} | {d['plain'][0] * 1000:.0f} ms | "
+              f"{d['plain'][1]:.1f} | {d['pathvlm'][1] / base:.2f}x | {same} |")
 
 
 def child_aggregator(name: str, n: int, dim: int) -> None:
@@ -132,6 +163,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     ap.add_argument("--dim", type=int, default=512, help="patch feature width")
+    ap.add_argument("--precision-only", action="store_true", help="only the fp32 / autocast / auto table")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -141,6 +173,8 @@ def main() -> None:
         return child_case(int(rest[0]), args.dim, 2000)
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}, cpu: {os.cpu_count()}")
+    if args.precision_only:
+        return main_precision(args)
     cold, warm = bench_load()
     print(f"\n## LLM load (SmolLM2-135M GGUF)\n| cold (dequantise + cache) | warm (cache) |\n|---|---|\n"
           f"| {cold:.1f} s | {warm:.1f} s |")
@@ -162,6 +196,7 @@ def main() -> None:
         print(f"| {name} | {d[name][0] * 1000:.0f} ms | {d[name][1]:.1f} |")
     print(f"decode ratio pathvlm/plain: {d['pathvlm'][1] / d['plain'][1]:.2f}, "
           f"routed ask/plain: {d['pathvlm ask (routed)'][1] / d['plain'][1]:.2f}")
+    bench_precisions(model, feats, n_new)
 
     sizes = (1000, 10000) if args.quick else (1000, 10000, 100000)
     print(f"\n## Aggregator (K=8, hidden 256, D={args.dim}), one bag, no grad\n"
@@ -178,6 +213,18 @@ def main() -> None:
         k, t1, m1, t2, m2 = in_child("case", str(s), "--dim", str(args.dim))
         print(f"| {s} | {int(k)} | {t1 * 1000:.0f} ms | {m1:.0f} MiB | {t2:.2f} s | {m2:.0f} MiB |")
     print(f"\nmain process max RSS: {maxrss_mib():.0f} MiB")
+
+
+def main_precision(args: argparse.Namespace) -> None:
+    from pathvlm.features import load_features, write_features
+    from pathvlm.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(feature_dim=args.dim, n_tokens=8, hidden_dim=256, max_case_tokens=64))
+    with tempfile.TemporaryDirectory() as tmp:
+        n = 2000
+        path = write_features(Path(tmp) / "slide.h5", torch.randn(n, args.dim), torch.zeros(n, 2, dtype=torch.int64), {})
+        feats = load_features(path)
+    bench_precisions(model, feats, 16 if args.quick else 48)
 
 
 if __name__ == "__main__":

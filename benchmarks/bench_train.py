@@ -1,7 +1,7 @@
 """Training benchmark (not a test): samples/s and peak RSS of every training stage on this CPU.
 
     .venv/bin/python benchmarks/bench_train.py [--steps 8] [--batch-size 16] \
-        [--stages clip,clip-lock-text,mil,align,instruct,instruct-qlora]
+        [--stages clip,clip-lock-text,mil,align,instruct,instruct-qlora] [--precisions fp32,auto]
 
 Each stage runs in a fresh process (so peak RSS is its own) through `pathvlm.train.train_stage`,
 on the demo encoder `openclip:pathvlm-vit-s-minilm` (224 px ViT-S/16 + MiniLM text tower) with
@@ -12,6 +12,8 @@ configs/train/{align,instruct}_demo.yaml on caption/instruction data built from 
 instruct starts from `load_model("demo")` (LoRA r=16 on q/k/v/o + projector; `instruct-qlora`:
 the same with SmolLM2 in 4 bit through bitsandbytes' CPU backend). samples/s is the mean over logged steps after the first
 (which includes start-up); it covers data loading, augmentation, forward, backward and AdamW.
+Each stage runs once per ``--precisions`` entry (``train.mixed_precision``: fp32 = accelerate's
+"no"; auto = bf16 autocast on a CPU with native bf16), printed side by side.
 """
 
 from __future__ import annotations
@@ -65,14 +67,14 @@ def _mil_labels(tmp: Path, slides: int = 32, patches: int = 2000, dim: int = 384
     return tmp / "labels.csv"
 
 
-def run_child(stage: str, steps: int, batch_size: int) -> dict:
+def run_child(stage: str, steps: int, batch_size: int, precision: str = "fp32") -> dict:
     """Train one stage in this process and return its throughput and peak RSS."""
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         config = None  # clip and mil: the stage defaults + overrides
         common = [f"train.out_dir={tmp / 'run'}", f"train.steps={steps}", f"train.batch_size={batch_size}",
                   "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.cpu=true",
-                  "optim.warmup_steps=1"]
+                  "optim.warmup_steps=1", f"train.mixed_precision={precision}"]
         if stage.startswith("clip"):
             overrides = [*common, f"data.train={_pairs(tmp)}", "data.val=",
                          "model.encoder=openclip:pathvlm-vit-s-minilm",
@@ -91,7 +93,12 @@ def run_child(stage: str, steps: int, batch_size: int) -> dict:
             else:
                 overrides += [f"data.train={data / 'instruct_train.jsonl'}", "init=demo",
                               f"qlora={'true' if stage.endswith('qlora') else 'false'}"]
-        return _result(stage, steps, batch_size, *_timed_stage(name, config, overrides))
+        return {**_result(stage, steps, batch_size, *_timed_stage(name, config, overrides)),
+                "precision": _run_precision(tmp / "run")}
+
+
+def _run_precision(run: Path) -> str:
+    return json.loads((run / "meta.json").read_text()).get("mixed_precision", "?")
 
 
 def _timed_stage(name: str, config: str | None, overrides: list[str]) -> tuple[list[float], float]:
@@ -117,21 +124,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--stages", default="clip,clip-lock-text,mil,align,instruct,instruct-qlora")
+    parser.add_argument("--precisions", default="fp32,auto", help="train.mixed_precision values to compare")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_child(args.child, args.steps, args.batch_size)))
+        print(json.dumps(run_child(args.child, args.steps, args.batch_size, args.precision)))
         return
     for stage in args.stages.split(","):
-        cmd = [sys.executable, __file__, "--child", stage, "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            print(f"{stage}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{r['stage']:16s} {r['samples_per_s']:8.2f} samples/s  peak RSS {r['peak_rss_mib']:6d} MiB  "
-              f"({r['steps']} steps x batch {r['batch_size']}, {r['wall_s']} s wall)")
+        rates = []
+        for precision in args.precisions.split(","):
+            cmd = [sys.executable, __file__, "--child", stage, "--steps", str(args.steps),
+                   "--batch-size", str(args.batch_size), "--precision", precision]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                print(f"{stage} {precision}: failed\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rates.append(r["samples_per_s"])
+            print(f"{r['stage']:16s} {precision:5s} ({r['precision']:4s}) {r['samples_per_s']:8.2f} samples/s  "
+                  f"peak RSS {r['peak_rss_mib']:6d} MiB  ({r['steps']} steps x batch {r['batch_size']}, "
+                  f"{r['wall_s']} s wall)")
+        if len(rates) > 1:
+            print(f"{stage:16s} speed-up of the last over the first: {rates[-1] / rates[0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,14 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    from pathvlm.precision import ENV_VAR, PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help=f"numeric precision; auto (default, or ${ENV_VAR}): bf16 where the hardware runs "
+                   "it fast (CPU with AVX512-BF16/AMX, bf16 GPU), else fp16 on CUDA, else fp32")
+
+
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     from pathvlm.embed import EmbedConfig
 
@@ -164,6 +172,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="tile-reading processes")
     p.add_argument("--shard", default=None, metavar="I/N", help="process shard I of N (0-based)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    _add_precision(p)
     p.set_defaults(func=_cmd_embed)
 
 
@@ -173,7 +182,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     cfg = EmbedConfig(
         encoder=args.encoder, weights=args.weights, mpp=args.mpp, size=args.size, slide_mpp=args.slide_mpp,
         batch_size=args.batch_size, num_workers=args.num_workers, shard=args.shard,
-        device=args.device, progress=not args.quiet,
+        device=args.device, progress=not args.quiet, precision=args.precision or "auto",
     )
     result = embed_slides(args.slides, args.out, cfg)
     print(f"embedded {len(result.written)}, skipped {len(result.skipped)} complete, "
@@ -191,6 +200,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="stage config: a YAML file or a packaged name "
                    "(pathvlm list configs, e.g. clip_demo)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    _add_precision(p)  # = train.mixed_precision (accelerate; fp32 master weights)
     return p
 
 
@@ -210,7 +220,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathvlm.train import train_stage
 
     parsed = _train_parser().parse_intermixed_args(args.argv)
-    out = train_stage(parsed.stage, parsed.config, parsed.overrides)
+    overrides = list(parsed.overrides)
+    if parsed.precision:
+        overrides.append(f"train.mixed_precision={parsed.precision}")
+    out = train_stage(parsed.stage, parsed.config, overrides)
     print(f"run directory: {out}")
     return 0
 
@@ -285,6 +298,7 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=10, help="tiles pooled per class for slide predictions")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    _add_precision(p)
     p.set_defaults(func=_cmd_zeroshot)
 
 
@@ -294,7 +308,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     from pathvlm.eval.common import load_eval_model
     from pathvlm.zeroshot import ZeroShotClassifier
 
-    model = load_eval_model(args.model)
+    model = load_eval_model(args.model, precision=args.precision or "auto")
     clf = ZeroShotClassifier(model.model, classes=args.classes, prompts=args.prompts, transform=model.transform,
                              batch_size=args.batch_size, top_k=args.top_k,
                              progress=False if args.quiet else None)
@@ -322,6 +336,7 @@ def _eval_common(p: argparse.ArgumentParser, data: bool = True) -> None:
                    help="robustness: HED stain jitter strength (e.g. 0.05), seeded per image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
+    _add_precision(p)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -382,7 +397,8 @@ def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
         prompts=args.prompts, classes=[c.strip() for c in (args.classes or "").split(",") if c.strip()],
         all_classes=args.all_classes, split=args.split, batch_size=args.batch_size, n_boot=args.n_boot,
         seed=args.seed, resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter)
-    _print_eval(run_zeroshot_eval(load_eval_model(args.model), args.data, cfg, args.json_out))
+    model = load_eval_model(args.model, precision=args.precision or "auto")
+    _print_eval(run_zeroshot_eval(model, args.data, cfg, args.json_out))
     return 0
 
 
@@ -395,7 +411,8 @@ def _cmd_eval_probe(args: argparse.Namespace) -> int:
         k=getattr(args, "k", None), n_seeds=getattr(args, "n_seeds", 1), c=args.c,
         batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
         resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter)
-    _print_eval(run_linear_probe(load_eval_model(args.model), cfg, args.json_out))
+    model = load_eval_model(args.model, precision=args.precision or "auto")
+    _print_eval(run_linear_probe(model, cfg, args.json_out))
     return 0
 
 
@@ -406,7 +423,7 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     cfg = VQAConfig(prompts=args.prompts, split=args.split, n_orders=args.n_orders,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
                     resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter)
-    model = load_eval_model(args.model)
+    model = load_eval_model(args.model, precision=args.precision or "auto")
     _print_eval(run_vqa_eval(model.model, args.data, cfg, model.info(), args.json_out))
     return 0
 
@@ -489,6 +506,7 @@ def _add_ask(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="demo", help="run directory or registered model name")
     p.add_argument("--features", help="cached .h5 features of INPUT (skips encoding the slide)")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    _add_precision(p)
     p.set_defaults(func=_cmd_ask)
 
 
@@ -497,7 +515,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
     from pathvlm.model import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision or "auto")
     source = args.input
     if args.features:
         from pathvlm.features import load_features
@@ -534,6 +552,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llm-fields", action="store_true",
                    help="list the LLM's (uncalibrated) ranking for fields no calibrated score "
                    "decides; they still abstain (slower: one LLM pass per field)")
+    _add_precision(p)
     p.set_defaults(func=_cmd_report)
 
 
@@ -601,7 +620,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
         raise ConfigError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
     targets = _report_targets(args)
-    drafter = ReportDrafter(load_model(args.model), FindingsConfig(
+    drafter = ReportDrafter(load_model(args.model, precision=args.precision or "auto"), FindingsConfig(
         narrative_tokens=max(0, args.narrative_tokens), llm_fields=args.llm_fields))
     failed = []
     for item, target in zip(args.inputs, targets):
@@ -634,6 +653,7 @@ def _add_eval_report(tasks: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="demo", help="run directory or registered model name")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write metrics JSON (+ Markdown)")
     p.add_argument("--limit", type=int, help="only the first N images")
+    _add_precision(p)
     p.set_defaults(func=_cmd_eval_report)
 
 
@@ -642,7 +662,8 @@ def _cmd_eval_report(args: argparse.Namespace) -> int:
     from pathvlm.model import load_model
 
     cfg = ReportEvalConfig(kind=args.kind, split=args.split, limit=args.limit)
-    result = run_report_eval(load_model(args.model), args.data, cfg, args.json_out, args.model)
+    model = load_model(args.model, precision=args.precision or "auto")
+    result = run_report_eval(model, args.data, cfg, args.json_out, args.model)
     print(f"{'top_entity_accuracy':32s} {result['top_entity_accuracy']:.3f}")
     for name, acc in result["field_accuracy"].items():
         print(f"{'field ' + name:32s} {acc:.3f}")

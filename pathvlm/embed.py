@@ -13,7 +13,6 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +61,7 @@ class EmbedConfig:
     num_workers: int = 2
     shard: str | None = None  # "i/n", 0-based
     device: str | None = None  # None: CUDA when available
+    precision: str = "auto"  # encoder precision: auto | fp32 | bf16 | fp16 (pathvlm.precision)
     progress: bool = True
     tissue: dict[str, Any] = field(default_factory=dict)  # TissueConfig overrides
     tile: dict[str, Any] = field(
@@ -222,13 +222,6 @@ def make_tile_loader(
     )
 
 
-def _autocast(device: torch.device):
-    if device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def encode_tiles(
     encoder: Any,
     dataset: Dataset,
@@ -245,7 +238,8 @@ def encode_tiles(
     loader = make_tile_loader(dataset, batch_size, num_workers, device)
     out: list[torch.Tensor] = []
     bar = tqdm(total=len(dataset), desc=desc, unit="tile", leave=False, disable=not progress)
-    with torch.inference_mode(), _autocast(device):
+    # the encoder runs in its own precision (PatchEncoder.set_precision) and returns fp32
+    with torch.inference_mode():
         for batch in _loader_batches(loader, slide_path or Path(desc)):
             feats = encoder.encode_image(batch.to(device, non_blocking=True))  # [B, D]
             out.append(feats.float().cpu())
@@ -257,6 +251,11 @@ def encode_tiles(
 
 
 # ---------------------------------------------------------------- one slide / one image
+
+
+def encoder_precision(encoder: Any) -> str:
+    """The precision an encoder computes in (what feature files record); fp32 if it does not say."""
+    return str(getattr(encoder, "precision", "fp32"))
 
 
 def _tissue_json(tissue_cfg: Any) -> str:
@@ -304,6 +303,7 @@ def embed_slide(
     attrs = {
         "encoder": encoder.name,
         "encoder_weights_hash": encoder.weights_hash,
+        "precision": encoder_precision(encoder),
         "mpp": float(grid.mpp),
         "patch_size": int(grid.size),
         "level": int(grid.level),
@@ -343,7 +343,7 @@ def embed_image(
         )
 
     tiles, coords = image_tiles(image, size)
-    with torch.inference_mode(), _autocast(encoder.device):
+    with torch.inference_mode():
         batches = [
             torch.stack([transform(t) for t in tiles[i : i + batch_size]])
             for i in range(0, len(tiles), batch_size)
@@ -354,6 +354,7 @@ def embed_image(
     attrs = {
         "encoder": encoder.name,
         "encoder_weights_hash": encoder.weights_hash,
+        "precision": encoder_precision(encoder),
         "patch_size": size,
         "mpp": float(target_mpp or image_mpp or 0.0),
         "pathvlm_version": __version__,
@@ -409,7 +410,7 @@ def pooled_image_embeddings(
 
     def flush() -> None:
         x = torch.stack([transform(t) for _, t in pending]).to(device)
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode():
             emb = torch.nn.functional.normalize(encoder.encode_image(x).float(), dim=-1).cpu()
         for (owner, _), e in zip(pending, emb):
             if owner == len(sums):
@@ -433,11 +434,14 @@ def pooled_image_embeddings(
 # ---------------------------------------------------------------- many slides
 
 
-def _resume_key(slide_path: Path, encoder: Any, tile_cfg: Any, tissue_cfg: Any) -> dict[str, Any]:
+def _resume_key(slide_path: Path, encoder: Any, tile_cfg: Any, tissue_cfg: Any,
+                precision: str | None = None) -> dict[str, Any]:
     stat = slide_path.stat()
     return {
         "encoder": encoder.name,
         "encoder_weights_hash": encoder.weights_hash,
+        # bf16 features are not fp32 features: a precision change is a different run
+        "precision": precision or encoder_precision(encoder),
         "mpp": float(tile_cfg.mpp),
         "patch_size": int(tile_cfg.size),
         "tile_config": _tissue_json(tile_cfg),
@@ -464,12 +468,15 @@ def _complete_by_record(
     tile_cfg = from_dict(TileConfig, {**cfg.tile, "mpp": mpp, "size": cfg.size or record.input_size},
                          prefix="tile")
     newest = record.newest_mtime_ns()
+    from pathvlm.precision import resolve_precision
+
+    precision = resolve_precision(cfg.precision, cfg.device)  # what the encoder would run in
     outs = []
     for slide_path in slides:
         out_path = out_dir / f"{slide_path.stem}.h5"
         if not (slide_path.is_file() and out_path.is_file()) or out_path.stat().st_mtime_ns <= newest:
             return None
-        if not is_complete(out_path, _resume_key(slide_path, record, tile_cfg, tissue_cfg)):
+        if not is_complete(out_path, _resume_key(slide_path, record, tile_cfg, tissue_cfg, precision)):
             return None
         outs.append(out_path)
     return outs
@@ -517,7 +524,9 @@ def embed_slides(
             log.info("all %d slides complete for %s, skipped", len(done), cfg.encoder)
             return EmbedResult(skipped=done)
     encoder, transform = encoder_and_transform or create_encoder(
-        cfg.encoder, device=cfg.device, weights=cfg.weights)
+        cfg.encoder, device=cfg.device, weights=cfg.weights, precision=cfg.precision)
+    if encoder_and_transform is not None and hasattr(encoder, "set_precision"):
+        encoder.set_precision(cfg.precision)
     if getattr(encoder, "random_weights", False):
         log.warning("encoder %s has random weights (seeded, for tests and benchmarks): its features "
                     "carry no tissue information", encoder.name)

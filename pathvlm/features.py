@@ -22,6 +22,7 @@ from pathvlm.provenance import provenance
 RESUME_KEYS = (
     "encoder",
     "encoder_weights_hash",
+    "precision",
     "mpp",
     "patch_size",
     "tile_config",
@@ -174,7 +175,8 @@ def is_complete(path: str | Path, expected: dict[str, Any]) -> bool:
         if key not in expected:
             continue
         want = _attr_value(expected[key])
-        have = attrs.get(key)
+        # files from before precision was recorded were computed in fp32
+        have = attrs.get(key, "fp32" if key == "precision" else None)
         if isinstance(want, float) or isinstance(have, float):
             try:
                 if abs(float(want) - float(have)) > 1e-9:

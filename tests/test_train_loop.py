@@ -99,8 +99,19 @@ def test_epoch_sampler_is_a_seeded_permutation():
     assert len({seed for _, seed in first + second}) == 20  # every draw gets its own augmentation seed
 
 
-def test_mixed_precision_choice():
+def test_mixed_precision_choice(monkeypatch):
+    import pathvlm.precision as precision
+
+    monkeypatch.delenv(precision.ENV_VAR, raising=False)
+    precision._auto.cache_clear()
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     assert resolve_mixed_precision("auto", cpu=True) == "no"
+    precision._auto.cache_clear()
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_mixed_precision("auto", cpu=True) == "bf16"
+    precision._auto.cache_clear()
+    assert resolve_mixed_precision("fp32", cpu=True) == "no"
+    assert resolve_mixed_precision("bf16", cpu=True) == "bf16"
     with pytest.raises(ConfigError):
         resolve_mixed_precision("fp16", cpu=True)
 

@@ -65,9 +65,30 @@ class FoundationEncoder(nn.Module):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    precision = "fp32"  # see set_precision
+
+    def set_precision(self, precision: str) -> FoundationEncoder:
+        """Run the backbone in ``precision`` (auto/fp32/bf16/fp16; `pathvlm.precision.cast_module`:
+        norms stay fp32); returns self. Encoders with a text tower stay fp32: their image and text
+        parts share one backbone here, and the text side gains nothing from bf16."""
+        from pathvlm.precision import cast_module, resolve_precision
+
+        precision = resolve_precision(precision, self.device)
+        if self.has_text and precision != "fp32":
+            log.info("%s has a text tower: kept in fp32", self.name)
+            precision = "fp32"
+        if precision != self.precision:
+            cast_module(self.backbone, precision, keep_fp32=("logit_scale",))
+            self.precision = precision
+        return self
+
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """[B, 3, H, W] preprocessed images -> [B, embed_dim] (L2-normalised if asked)."""
-        feats = self.image_features(images)
+        """[B, 3, H, W] preprocessed images -> [B, embed_dim] fp32 (L2-normalised, in fp32, if asked)."""
+        if self.precision != "fp32":
+            from pathvlm.precision import dtype_of
+
+            images = images.to(dtype_of(self.precision))
+        feats = self.image_features(images).float()
         return nn.functional.normalize(feats, dim=-1) if normalize else feats
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

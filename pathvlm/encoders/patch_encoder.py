@@ -112,6 +112,7 @@ class PatchEncoder(nn.Module):
         self.stain_norm: StainReference | LabReference | None = None
         self.tile_mpp: float | None = None
         self.random_weights = False
+        self.precision = "fp32"  # of the image tower; see set_precision
 
     def refresh_hash(self) -> str:
         """Recompute ``weights_hash`` from the weights and the stain reference (both change the
@@ -127,9 +128,34 @@ class PatchEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def set_precision(self, precision: str) -> PatchEncoder:
+        """Run the image tower in ``precision`` (``auto``/``fp32``/``bf16``/``fp16``); returns self.
+
+        Weights are cast (`pathvlm.precision.cast_module`): norms stay fp32, and so does the
+        text tower (it runs once per prompt set, not once per tile, so it gains nothing worth a
+        rounding error). ``weights_hash`` stays the hash of the fp32 weights: feature files
+        record their precision separately. Inference only; training keeps fp32 weights.
+        """
+        from pathvlm.precision import cast_module, resolve_precision
+
+        precision = resolve_precision(precision, self.device)
+        if precision != self.precision:
+            cast_module(self.model.visual, precision, keep_fp32=("logit_scale",))
+            self.precision = precision
+        return self
+
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """[B, 3, H, W] preprocessed images -> [B, D] embeddings (L2-normalised if asked)."""
-        return self.model.encode_image(images, normalize=normalize)
+        """[B, 3, H, W] preprocessed images -> [B, D] embeddings (L2-normalised if asked).
+
+        The tower runs in ``self.precision``; the output, and its L2 normalisation, are fp32
+        (a norm over D channels in bf16 would round every coordinate twice).
+        """
+        if self.precision == "fp32":
+            return self.model.encode_image(images, normalize=normalize)
+        from pathvlm.precision import dtype_of
+
+        feats = self.model.encode_image(images.to(dtype_of(self.precision)), normalize=False).float()
+        return nn.functional.normalize(feats, dim=-1) if normalize else feats  # [B, D] fp32
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_image(images)

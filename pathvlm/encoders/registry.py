@@ -394,6 +394,7 @@ def create_encoder(
     vision_only: bool = False,
     init_seed: int | None = None,
     weights: str | Path | None = None,
+    precision: str = "fp32",
 ) -> tuple[PatchEncoder, Transform]:
     """Build a patch encoder and its eval transform (PIL image -> [3, H, W] tensor).
 
@@ -407,6 +408,8 @@ def create_encoder(
         weights: for a foundation encoder (``pathvlm list encoders``), its hub folder copied as
             is or its single weights file; None downloads it from the hub (``HF_TOKEN``, cached).
             ``name@PATH`` says the same in one string.
+        precision: ``fp32`` (the default: trainable), ``bf16``/``fp16``, or ``auto`` (bf16 where
+            the device runs it fast, see `pathvlm.precision`) for the image tower at inference.
 
     Returns:
         (encoder in eval mode, transform)
@@ -451,4 +454,5 @@ def create_encoder(
             f"unknown encoder {name!r}: not registered ({', '.join(_REGISTRY)}), "
             "not openclip:/local-dir:/hf-hub:, and not an existing checkpoint file"
         )
-    return encoder.to(_default_device(device)).eval(), transform
+    encoder = encoder.to(_default_device(device)).eval()
+    return encoder.set_precision(precision), transform

@@ -27,12 +27,16 @@ class EvalModel:
         return {"model": self.name, "weights_hash": self.weights_hash}
 
 
-def load_eval_model(spec: str, device: str | None = None) -> EvalModel:
-    """``encoder:<encoder name>`` builds a bare encoder; anything else goes to ``load_model``."""
+def load_eval_model(spec: str, device: str | None = None, precision: str = "fp32") -> EvalModel:
+    """``encoder:<encoder name>`` builds a bare encoder; anything else goes to ``load_model``.
+
+    ``precision``: the encoder's (and LLM's) inference precision, see `pathvlm.precision`.
+    """
     if spec.startswith(ENCODER_PREFIX):
         from pathvlm.encoders import create_encoder
 
-        encoder, transform = create_encoder(spec[len(ENCODER_PREFIX) :], device=device)
+        encoder, transform = create_encoder(spec[len(ENCODER_PREFIX) :], device=device,
+                                            precision=precision)
         return EvalModel(encoder, encoder, transform, spec, str(encoder.weights_hash))
     try:
         from pathvlm.model import load_model
@@ -43,7 +47,7 @@ def load_eval_model(spec: str, device: str | None = None) -> EvalModel:
             f"cannot load model {spec!r}: pathvlm.model is not available in this "
             "install; use --model encoder:<encoder name>"
         ) from exc
-    model = load_model(spec)
+    model = load_model(spec, precision=precision)
     encoder = getattr(model, "encoder", None)
     transform = getattr(model, "transform", None)
     whash = getattr(model, "weights_hash", None) or getattr(encoder, "weights_hash", "unknown")

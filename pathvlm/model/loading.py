@@ -130,8 +130,12 @@ def _load_calibration(run: Path) -> Any:
     return load_calibration(path)
 
 
-def load_model(name_or_dir: str | Path) -> Any:
-    """A PathVLM from a run directory or a registered name (see ``list_models``)."""
+def load_model(name_or_dir: str | Path, precision: str = "fp32") -> Any:
+    """A PathVLM from a run directory or a registered name (see ``list_models``).
+
+    ``precision``: ``fp32`` (default; what training starts from), or ``auto``/``bf16``/``fp16``
+    for inference (`PathVLM.set_precision`).
+    """
     key = str(name_or_dir)
     run = _MODELS.get(key, Path(key).expanduser())
     if key in _MODELS and not (run / "config.yaml").is_file():
@@ -141,4 +145,4 @@ def load_model(name_or_dir: str | Path) -> Any:
         raise ModelError(f"{key}: not a run directory or a registered model ({', '.join(list_models())})")
     if not (run / "config.yaml").is_file():
         raise ModelError(f"{run}: not a model run directory (no config.yaml)")
-    return _load_run_dir(run)
+    return _load_run_dir(run).set_precision(precision)

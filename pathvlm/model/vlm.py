@@ -83,6 +83,28 @@ class PathVLM(nn.Module):
         self.last_attention: list[dict[str, Any]] = []  # per slide of the last call, for the app
         self.run_dir: Path | None = None  # set by load_model
         self.calibration: Any = None  # pathvlm.calibration.Calibration from calibration.json
+        self.precision = "fp32"  # of the encoder's image tower and the LLM; see set_precision
+
+    def set_precision(self, precision: str) -> PathVLM:
+        """Run the encoder's image tower and the LLM in ``precision`` (auto/fp32/bf16/fp16) for
+        inference; returns self. The aggregator and projector stay fp32: ABMIL's softmax runs
+        over up to 100k patches, where bf16's 8-bit mantissa flattens the attention. The LLM's
+        weights are cast (faster on CPU than autocast, see README Precision); its RMSNorm keeps
+        fp32 statistics itself. ``set_precision("fp32")`` restores the exact fp32 weights.
+        """
+        from pathvlm.precision import cast_module, resolve_precision
+
+        precision = resolve_precision(precision, self.device)
+        if self.encoder is not None and hasattr(self.encoder, "set_precision"):
+            self.encoder.set_precision(precision)
+        if precision == self.precision:
+            return self
+        if getattr(self.llm, "hf_quantizer", None) is not None:  # bitsandbytes sets its own compute dtype
+            log.info("LLM is quantised; precision %s applies to the encoder only", precision)
+        else:
+            cast_module(self.llm, precision, fp32_norms=False)
+        self.precision = precision
+        return self
 
     # -- slide tokens ---------------------------------------------------------------------
     @property
@@ -188,8 +210,10 @@ class PathVLM(nn.Module):
 
     @torch.no_grad()
     def generate_ids(self, input: Any, question: str, history: list[dict[str, str]] | None = None,
-                     **gen: Any) -> torch.Tensor:
-        """New token ids [1, T] of the answer."""
+                     precision: str | None = None, **gen: Any) -> torch.Tensor:
+        """New token ids [1, T] of the answer (``precision``: see `set_precision`; None keeps it)."""
+        if precision is not None:
+            self.set_precision(precision)
         embeds = self.prepare(input, question, history)
         return self.llm.generate(**self._gen_kwargs(embeds, gen))
 
@@ -214,7 +238,7 @@ class PathVLM(nn.Module):
         return reply.text
 
     def ask(self, input: Any, question: str, history: list[dict[str, str]] | None = None, *,
-            case: Any = None, route: bool = True, **gen: Any) -> str:
+            case: Any = None, route: bool = True, precision: str | None = None, **gen: Any) -> str:
         """Answer ``question`` about a slide / image / feature file / case (None: text only).
 
         Args:
@@ -222,7 +246,11 @@ class PathVLM(nn.Module):
                 slides and entered results case-fact questions are answered from.
             route: answer case facts, out-of-scope, differential and next-steps questions by
                 ``pathvlm.chat`` (False: always the LLM).
+            precision: ``auto``/``fp32``/``bf16``/``fp16`` from now on (`set_precision`); None
+                keeps the model's current one.
         """
+        if precision is not None:
+            self.set_precision(precision)
         text = self.routed(input, question, history, case, route)
         if text is not None:
             return text
@@ -230,10 +258,14 @@ class PathVLM(nn.Module):
         return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
     def stream(self, input: Any, question: str, history: list[dict[str, str]] | None = None, *,
-               case: Any = None, route: bool = True, **gen: Any) -> Iterator[str]:
-        """Yield the answer in text pieces as they are generated (a routed answer word by word)."""
+               case: Any = None, route: bool = True, precision: str | None = None,
+               **gen: Any) -> Iterator[str]:
+        """Yield the answer in text pieces as they are generated (a routed answer word by word;
+        ``precision`` as in `ask`)."""
         from transformers import TextIteratorStreamer
 
+        if precision is not None:
+            self.set_precision(precision)
         text = self.routed(input, question, history, case, route)
         if text is not None:
             yield from re.findall(r"\S+\s*", text)

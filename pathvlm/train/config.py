@@ -18,7 +18,8 @@ class TrainConfig:
     steps: int = 1000  # optimiser steps (each = grad_accum micro-batches)
     batch_size: int = 32  # per device, per micro-batch
     grad_accum: int = 1
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on capable CUDA, else no
+    # auto: bf16 on a CPU with native bf16 or a bf16 GPU, fp16 on other GPUs, else no (= fp32)
+    mixed_precision: Literal["auto", "no", "fp32", "bf16", "fp16"] = "auto"
     eval_every: int = 100  # 0 = only at the end
     save_every: int = 100  # checkpoint interval; 0 = no intermediate checkpoints
     keep_checkpoints: int = 2

@@ -84,13 +84,15 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[i
 
 
 def resolve_mixed_precision(choice: str, cpu: bool) -> str:
-    """``auto`` -> bf16 on a CUDA device that supports it, else no; fp16 needs CUDA."""
-    cuda = torch.cuda.is_available() and not cpu
-    if choice == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    if choice == "fp16" and not cuda:
-        raise ConfigError("train.mixed_precision=fp16 needs a CUDA device; use no (or bf16)")
-    return choice
+    """``train.mixed_precision`` -> accelerate's ``no``/``bf16``/``fp16``.
+
+    ``auto`` follows `pathvlm.precision` (bf16 on a CPU with native bf16 or a bf16 CUDA GPU,
+    fp16 on other GPUs, else no); ``fp32`` is ``no``; fp16 needs CUDA. accelerate keeps fp32
+    master weights and optimizer state and autocasts forward passes (on CPU too).
+    """
+    from pathvlm.precision import accelerate_mixed_precision
+
+    return accelerate_mixed_precision(choice, cpu)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -173,6 +175,15 @@ def _prune_checkpoints(out_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _record_precision(out: Path, mixed_precision: str) -> None:
+    """The mixed precision this run resolved to, in meta.json (the config may just say auto)."""
+    meta_path = out / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta["mixed_precision"] = mixed_precision
+    meta_path.write_text(json.dumps(meta, indent=2))
+    log.info("mixed precision: %s", mixed_precision)
+
+
 def _build_optimization(task: Task, oc: Any, total_steps: int):
     optimizer = torch.optim.AdamW(_param_groups(task.model, oc.weight_decay), lr=oc.lr,
                                   betas=(oc.beta1, oc.beta2), eps=oc.eps)
@@ -217,9 +228,10 @@ def run_training(cfg: Any, make_task: Callable[[], Task]) -> Path:
     out = Path(tc.out_dir)
     # sync_with_dataloader off: optimiser steps fall every grad_accum micro-batches across epoch
     # ends, so a checkpoint (always taken right after a step) resumes in phase
+    mixed_precision = resolve_mixed_precision(tc.mixed_precision, tc.cpu)
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=tc.grad_accum, sync_with_dataloader=False),
-        mixed_precision=resolve_mixed_precision(tc.mixed_precision, tc.cpu), cpu=tc.cpu,
+        mixed_precision=mixed_precision, cpu=tc.cpu,
     )
     set_seed(tc.seed)
     ckpt = latest_checkpoint(out)
@@ -227,6 +239,7 @@ def run_training(cfg: Any, make_task: Callable[[], Task]) -> Path:
         raise ConfigError(f"{out} holds checkpoints from an earlier run; set train.resume=true or another train.out_dir")
     if accelerator.is_main_process:
         save_config(cfg, out)
+        _record_precision(out, mixed_precision)
     task = make_task()
     loader, _ = _build_loader(task, tc)
     optimizer, scheduler = _build_optimization(task, oc, tc.steps)

@@ -1,0 +1,194 @@
+"""Precision: how auto is decided, the weight cast, and bf16 outputs checked against fp32."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+import pathvlm.precision as precision
+from pathvlm.errors import ConfigError
+from pathvlm.precision import cast_module, resolve_precision
+
+
+@pytest.fixture
+def hardware(monkeypatch):
+    """Pretend the CPU does (True) or does not (False) compute bf16 natively; no env override."""
+    monkeypatch.delenv(precision.ENV_VAR, raising=False)
+
+    def force(fast_bf16: bool) -> None:
+        precision._auto.cache_clear()
+        monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
+
+    yield force
+    precision._auto.cache_clear()
+
+
+def test_auto_is_fp32_on_a_cpu_without_bf16(hardware):
+    hardware(False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision(None, "cpu") == "fp32"
+
+
+def test_auto_is_bf16_on_a_cpu_with_bf16(hardware):
+    hardware(True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+
+
+def test_auto_is_decided_once_per_process(hardware, monkeypatch):
+    hardware(True)
+    calls = []
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: calls.append(1) or True)
+    assert [resolve_precision("auto", "cpu") for _ in range(3)] == ["bf16"] * 3
+    assert len(calls) == 1
+
+
+def test_env_overrides_auto_but_not_an_explicit_choice(hardware, monkeypatch):
+    hardware(True)
+    monkeypatch.setenv(precision.ENV_VAR, "fp32")
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision(None, "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setenv(precision.ENV_VAR, "half")
+    with pytest.raises(ConfigError, match="PATHVLM_PRECISION"):
+        resolve_precision("auto", "cpu")
+
+
+def test_bad_choices(hardware):
+    hardware(True)
+    with pytest.raises(ConfigError, match="expected one of"):
+        resolve_precision("int8", "cpu")
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n")
+    assert {"avx512f", "avx512_bf16"} <= precision.cpu_flags(info)
+    assert precision.cpu_flags(tmp_path / "missing") == set()
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.fc1(x))) * self.logit_scale.exp()
+
+
+def test_cast_module_keeps_unsafe_parts_fp32_and_restores_exactly():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(4, 16)
+    ref = net(x)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cast_module(net, "bf16", keep_fp32=("logit_scale",))
+    assert net.fc1.weight.dtype == net.fc2.weight.dtype == torch.bfloat16
+    assert net.norm.weight.dtype == torch.float32 and net.logit_scale.dtype == torch.float32
+    out = net(x.bfloat16())
+    assert torch.nn.functional.cosine_similarity(out.float(), ref).min() > 0.999
+    cast_module(net, "fp32")
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert torch.equal(net(x), ref)
+
+
+# ---------------------------------------------------------------- bf16 vs fp32 on real tiles
+
+# every encoder family that builds offline: the shipped ViT, the project's ViT-S / ViT-T, a timm
+# ConvNet tower, and a timm ViT tower (open_clip config over timm, random init)
+FAMILIES = [
+    "pathvlm-demo",
+    "openclip:pathvlm-vit-s-minilm",
+    "openclip:pathvlm-vit-t-minilm",
+    "openclip:pathvlm-rn10t-minilm",
+    "openclip:timm-vit_small_patch16_224",
+]
+
+
+def _timm_vit_arch() -> None:
+    """Register an open_clip config whose image tower is timm's ViT-S/16 (no pretrained weights)."""
+    from pathvlm.encoders.archs import PROJECT_ARCHS
+
+    PROJECT_ARCHS.setdefault("timm-vit_small_patch16_224", {
+        "embed_dim": 384,
+        "vision_cfg": {"image_size": 224, "timm_model_name": "vit_small_patch16_224",
+                       "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear"},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    })
+
+
+@pytest.fixture(scope="module")
+def crc_tiles(shared_data):
+    from PIL import Image
+
+    root = shared_data / "crc_tiles"
+    if not (root / "index.csv").is_file():
+        pytest.skip(f"{root}/index.csv is missing")
+    with (root / "index.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "val"]
+    return [Image.open(root / r["path"]).convert("RGB") for r in rows[:: max(1, len(rows) // 12)][:12]]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bf16_embeddings_match_fp32(name, crc_tiles):
+    from pathvlm.encoders import create_encoder
+
+    _timm_vit_arch()
+    torch.manual_seed(0)
+    encoder, transform = create_encoder(name, device="cpu", vision_only=True)
+    x = torch.stack([transform(img) for img in crc_tiles])  # [12, 3, H, W]
+    with torch.inference_mode():
+        ref = encoder.encode_image(x)
+        low = encoder.set_precision("bf16").encode_image(x)
+        back = encoder.set_precision("fp32").encode_image(x)
+    assert low.dtype == torch.float32 and encoder.precision == "fp32"
+    cos = torch.nn.functional.cosine_similarity(low, ref)
+    assert cos.min() >= 0.999, f"{name}: min cosine {cos.min():.5f}"
+    assert not torch.equal(low, ref)  # it really ran in bf16
+    assert torch.equal(back, ref)  # and fp32 came back exactly
+
+
+def test_create_encoder_precision_and_text_tower_stays_fp32():
+    from pathvlm.encoders import create_encoder
+
+    encoder, _ = create_encoder("openclip:pathvlm-tiny", device="cpu", precision="bf16")
+    assert encoder.precision == "bf16"
+    weights = dict(encoder.model.visual.named_parameters())
+    assert weights["conv1.weight"].dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in weights.items() if n.startswith("ln_"))
+    assert encoder.model.logit_scale.dtype == torch.float32
+    assert encoder.encode_text(["tumour"]).dtype == torch.float32
+
+
+# ---------------------------------------------------------------- feature files and resume
+
+
+def test_feature_files_record_precision_and_resume_redoes_a_change(wsi_dir, tmp_path):
+    from pathvlm.embed import EmbedConfig, embed_slides
+    from pathvlm.encoders import create_encoder
+    from pathvlm.features import load_features
+
+    slide = wsi_dir / "CMU-1-Small-Region.svs"
+    tiny = create_encoder("openclip:pathvlm-tiny", device="cpu")  # one (random) set of weights
+
+    def run(precision):
+        cfg = EmbedConfig(encoder="openclip:pathvlm-tiny", mpp=4.0, size=32, batch_size=64, num_workers=0,
+                          device="cpu", progress=False, precision=precision)
+        return embed_slides([slide], tmp_path, cfg, encoder_and_transform=tiny)
+
+    first = run("fp32")
+    bag = load_features(first.written[0])
+    assert bag.attrs["precision"] == "fp32" and bag.features.dtype == torch.float32
+    assert run("fp32").skipped == first.written
+    low = run("bf16")
+    assert low.written == first.written  # a precision change is a different run
+    bag16 = load_features(low.written[0])
+    assert bag16.attrs["precision"] == "bf16" and bag16.features.dtype == torch.float32
+    assert bag16.attrs["encoder_weights_hash"] == bag.attrs["encoder_weights_hash"]
+    assert torch.nn.functional.cosine_similarity(bag16.features, bag.features).min() >= 0.999
+    assert run("bf16").skipped == low.written
