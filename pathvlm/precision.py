@@ -110,19 +110,21 @@ def _back_to(dtype: torch.dtype):
 
 
 def cast_module(module: nn.Module, precision: str, keep_fp32: tuple[str, ...] = (),
-                fp32_norms: bool = True) -> nn.Module:
-    """Cast ``module``'s parameters to ``precision`` for inference, in place; returns it.
+                fp32_norms: bool = True, cast_buffers: bool = True) -> nn.Module:
+    """Cast ``module``'s weights to ``precision`` for inference, in place; returns it.
 
     Autocast alone leaves open_clip's ``nn.MultiheadAttention`` towers mostly in fp32 (its fused
     path is not an autocast op) and gains ~1.2x on CPU; casting the weights runs the whole tower
-    in bf16 (~4x). What stays fp32, and why:
+    in bf16 (~3x). What stays fp32, and why:
       * with ``fp32_norms``, norm layers (LayerNorm, GroupNorm, BatchNorm): a mean and variance
-        over hundreds of channels in 8 mantissa bits shifts every activation; each gets fp32
+        over hundreds of channels in 8 mantissa bits shifts every activation; each keeps fp32
         weights and fp32 statistics (CPU kernels do this natively for a bf16 input; on other
         devices hooks feed it fp32 and cast its output back). An HF LLM passes False: its
         RMSNorm already computes the variance in fp32 itself;
       * parameters named in ``keep_fp32`` (e.g. CLIP's ``logit_scale``: exp() of it amplifies
-        rounding error), and buffers (running statistics, rotary frequencies).
+        rounding error). Floating buffers outside norms (attention masks, position tables) are
+        cast with ``cast_buffers`` so they do not promote activations back to fp32; an HF LLM
+        passes False (its rotary frequencies are computed in fp32 by design).
     Callers keep the final L2 normalisation in fp32. The fp32 tensors are kept (the cast ones
     are new), so ``precision="fp32"`` restores the exact original weights; cost: the reduced
     copy, half the fp32 size.
@@ -130,15 +132,18 @@ def cast_module(module: nn.Module, precision: str, keep_fp32: tuple[str, ...] = 
     for handle in getattr(module, "_pathvlm_precision_hooks", []):
         handle.remove()
     module._pathvlm_precision_hooks = []
-    master: dict[str, torch.Tensor] | None = getattr(module, "_pathvlm_fp32_params", None)
+    master = getattr(module, "_pathvlm_fp32", None)
     if master is not None:  # undo an earlier cast first: exact fp32 weights again
-        for name, param in module.named_parameters():
-            param.data = master[name]
-        module._pathvlm_fp32_params = None
+        for sub, name, kind, tensor in master:
+            if kind == "param":
+                getattr(sub, name).data = tensor
+            else:
+                setattr(sub, name, tensor)
+        module._pathvlm_fp32 = None
     dtype = dtype_of(precision)
     if dtype == torch.float32:
         return module
-    module._pathvlm_fp32_params = {name: p.data for name, p in module.named_parameters()}
+    master = []
     for sub in module.modules():
         if fp32_norms and isinstance(sub, NORM_TYPES):
             # CPU norm kernels take a reduced-precision input with fp32 weights and accumulate
@@ -149,8 +154,14 @@ def cast_module(module: nn.Module, precision: str, keep_fp32: tuple[str, ...] = 
                                                      sub.register_forward_hook(_back_to(dtype))]
             continue
         for name, param in sub.named_parameters(recurse=False):
-            if param.is_floating_point() and name not in keep_fp32:
+            if param.is_floating_point() and name not in keep_fp32 and param.dtype != dtype:
+                master.append((sub, name, "param", param.data))
                 param.data = param.data.to(dtype)
+        for name, buf in list(sub.named_buffers(recurse=False)) if cast_buffers else []:
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                master.append((sub, name, "buffer", buf))
+                setattr(sub, name, buf.to(dtype))
+    module._pathvlm_fp32 = master
     return module
 
 

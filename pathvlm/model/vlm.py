@@ -102,7 +102,7 @@ class PathVLM(nn.Module):
         if getattr(self.llm, "hf_quantizer", None) is not None:  # bitsandbytes sets its own compute dtype
             log.info("LLM is quantised; precision %s applies to the encoder only", precision)
         else:
-            cast_module(self.llm, precision, fp32_norms=False)
+            cast_module(self.llm, precision, fp32_norms=False, cast_buffers=False)
         self.precision = precision
         return self
 
