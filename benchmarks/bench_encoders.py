@@ -77,7 +77,7 @@ def main() -> None:
         return
     wanted = set(args.only.split(",")) if args.only else None
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
-    print(f"| family | encoder | params (M) | dim | input px | tiles/s | peak RSS (GB) |")
+    print("| family | encoder | params (M) | dim | input px | tiles/s | peak RSS (GB) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for label, name in MODELS:
         if wanted and name not in wanted:

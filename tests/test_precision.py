@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import pathvlm.precision as precision
+from pathvlm import precision
 from pathvlm.errors import ConfigError
 from pathvlm.precision import cast_module, resolve_precision
 
