@@ -24,6 +24,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SITE_PACKAGES = sysconfig.get_paths()["purelib"]  # dependencies only; pathvlm there is an editable hook
 PACKAGE_DATA = ("pathvlm/configs", "pathvlm/model/weights/demo")
+# pip gets a dead proxy: building and installing must not need the network
+DEAD_PROXY = "http://127.0.0.1:9"
+PIP_ENV = {**os.environ, **{k: DEAD_PROXY for k in ("http_proxy", "https_proxy", "HTTP_PROXY",
+                                                     "HTTPS_PROXY")}}
 
 # runs in the installed copy; prints one JSON line that the test checks
 SCRIPT = r"""
@@ -111,7 +115,7 @@ def wheel(tmp_path_factory) -> Path:
     src = _copy_source(tmp / "src")
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
            "--disable-pip-version-check", "-q", "-w", str(tmp / "dist"), str(src)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=PIP_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     (path,) = (tmp / "dist").glob("pathvlm-*.whl")
     return path
@@ -122,7 +126,7 @@ def installed(wheel, tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("site")
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
            "--disable-pip-version-check", "-q", "--target", str(target), str(wheel)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=PIP_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     return target
 
