@@ -84,7 +84,7 @@ def main() -> None:
             continue
         out = subprocess.run([sys.executable, __file__, "--child", name, "--threads",
                               str(args.threads), "--batch", str(args.batch), "--batches",
-                              str(args.batches)], env=env, capture_output=True, text=True)
+                              str(args.batches)], env=env, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             print(f"| {label} | {name} | failed: {out.stderr.strip().splitlines()[-1]} |||||")
             continue

@@ -187,7 +187,7 @@ def test_uni_folder_embeds_a_slide_from_the_cli(uni_dir, wsi_dir, tmp_path):
     assert bag.dim == 1024 and len(bag) > 0 and torch.isfinite(bag.features).all()
     # the hash equals the weights' own: checked for every family in the round-trip test
     assert bag.attrs["encoder"] == "uni" and len(bag.attrs["encoder_weights_hash"]) == 16
-    assert bag.attrs["mpp"] == 4.0
+    assert bag.attrs["mpp"] == 4.0 and bag.attrs["feature_dim"] == 1024
 
 
 def test_uni_folder_with_a_renamed_tensor_fails_in_one_line(uni_dir, wsi_dir, tmp_path, capsys):
