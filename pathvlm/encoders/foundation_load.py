@@ -24,6 +24,7 @@ from pathvlm.encoders.foundation_models import (
     _SHOW,
     FoundationEncoder,
     _hf_config,
+    _merge,
     build_foundation,
 )
 from pathvlm.errors import ModelError
@@ -275,7 +276,7 @@ def load_foundation(spec: FoundationSpec, weights: str | Path | None, name: str 
         encoder = _load_package(spec, path)
     elif spec.family in _HF_CLASSES:
         if overrides:
-            spec = dataclasses.replace(spec, kwargs={**spec.kwargs, **overrides})
+            spec = dataclasses.replace(spec, kwargs=_merge(spec.kwargs, overrides))
         encoder = _load_hf(spec, path)
     else:
         encoder = _load_timm_like(spec, path, overrides)
