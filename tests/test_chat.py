@@ -131,6 +131,7 @@ def test_chat_top_entity_is_the_report_top_entity(model, images, case):
         reply = assistant.reply(inp, "What is the most likely diagnosis?", case=c)
         top = report.morphologic_differential[0].entity
         assert reply.differential[0][0] == top
+        assert model.last_attention and model.last_attention[0]["attention"].numel()  # for the app's tiles
         assert reply.text.startswith(f"Most consistent with {top} (")
         assert "Morphologic impression only: confirm with" in reply.text
 

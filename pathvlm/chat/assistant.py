@@ -147,6 +147,10 @@ class ChatAssistant:
             slides = resolve_inputs(source, m.encoder, m.transform, TileConfig(mpp=m.cfg.tile_mpp, size=m.cfg.tile_size))
             if key:  # follow-ups on the same slides do not encode them again
                 self._resolved = {key: slides}
+        import torch
+
+        with torch.no_grad():  # the app shows the tiles an answer drew on: this input's attention
+            m.slide_embeddings(slides)
         scored: list[Any] = []
         # a follow-up stays in the domain of the conversation it follows
         said = " ".join([question, *(t.get("content", "") for t in history or ())])
