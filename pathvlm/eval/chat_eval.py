@@ -338,6 +338,11 @@ def run_chat_eval(model: Any, data: list[str], cfg: ChatEvalConfig, model_info: 
         raise ConfigError(f"{', '.join(data)}: no chat-type questions (build them with `pathvlm data build`)")
     ref, records = Reference(model), []
     gen = {"max_new_tokens": cfg.max_new_tokens, "do_sample": False}
+    # answers so far, one line each, so a long run on a busy machine can be inspected before it ends
+    partial = Path(json_path).with_name(Path(json_path).stem + "_answers.partial.jsonl") if json_path else None
+    if partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text("")
     for i, item in enumerate(items):
         history = None
         if item.first is not None:
@@ -351,6 +356,9 @@ def run_chat_eval(model: Any, data: list[str], cfg: ChatEvalConfig, model_info: 
                          "input": str(item.input if isinstance(item.input, (str, Path)) else "case"),
                          "question": item.question, "route": reply.route.kind, "answer": answer, **result,
                          **({"paraphrase": True} if item.meta.get("paraphrase") else {})})
+        if partial is not None:
+            with partial.open("a") as fh:
+                fh.write(json.dumps(records[-1], default=str) + "\n")
         if (i + 1) % 25 == 0:
             log.info("chat eval: %d/%d questions", i + 1, len(items))
     per_type = {}
@@ -383,6 +391,7 @@ def run_chat_eval(model: Any, data: list[str], cfg: ChatEvalConfig, model_info: 
         json_path.parent.mkdir(parents=True, exist_ok=True)
         answers = json_path.with_name(json_path.stem + "_answers.jsonl")
         answers.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+        partial.unlink(missing_ok=True)
         md = json_path.with_suffix(".md")
         result["files"] = {"json": str(json_path), "markdown": str(md), "answers": str(answers)}
         json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
