@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pathvlm.errors import ConfigError
+from pathvlm.errors import ConfigError, PathVLMError
 from pathvlm.reports import ancillary
 from pathvlm.resources import expand_data_path, not_found_message, resolve_resource
 
@@ -177,12 +177,17 @@ def _as_case_error(path: str | Path, data: Any, exc: ValidationError) -> CaseErr
     return CaseError(path, _entry_name(data, loc), msg)
 
 
-def load_case(path: str | Path) -> Case:
+def load_case(path: str | Path, resolve_slide: Callable[[Path, Path], Path] | None = None) -> Case:
     """Read a YAML/JSON case manifest (a file or a packaged example: ``pathvlm list cases``).
 
     Slide paths may start with ``$PATHVLM_DATA/`` (the data folder, see
     ``pathvlm.resources.data_dir``) or ``$SKIMAGE_DATA/``; other relative paths resolve against
     the manifest's folder.
+
+    Args:
+        resolve_slide: ``(path as written, manifest folder) -> real path``, raising a
+            ``PathVLMError`` for a path that may not be opened (the app's slide roots); it runs
+            before the file is looked for, so a refusal says nothing about the file.
     """
     path = Path(path)
     if not path.exists():
@@ -212,7 +217,13 @@ def load_case(path: str | Path) -> Case:
             given = expand_data_path(s.path)
         except ConfigError as exc:
             raise CaseError(path, f"slides[{i}]", str(exc)) from None
-        resolved = given if given.is_absolute() else (path.parent / given).resolve()
+        if resolve_slide is not None:
+            try:
+                resolved = resolve_slide(given, path.parent)
+            except PathVLMError as exc:
+                raise CaseError(path, f"slides[{i}] ({s.path})", str(exc)) from None
+        else:
+            resolved = given if given.is_absolute() else (path.parent / given).resolve()
         if not resolved.exists():
             raise CaseError(path, f"slides[{i}] ({s.path})", f"slide file not found: {resolved}")
         s.path = resolved

@@ -15,6 +15,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from pathvlm.errors import ConfigError
 from pathvlm.model import ModelConfig, build_model
+from pathvlm.ui.deploy import OUTSIDE
 
 TINY_LLM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
@@ -135,7 +136,7 @@ def test_bad_file_is_a_clear_message_and_nothing_breaks(app_url, ihc_png, tmp_pa
     info, status = open_file(c, bad)
     assert status.startswith("Could not open broken.png:") and "broken.png" in status and info == ""
     _, _, _, status = c.predict(None, str(tmp_path / "missing.svs"), "H&E", api_name="/open")
-    assert "missing.svs" in status and "not found" in status
+    assert OUTSIDE in status and "not found" not in status  # no slide roots: server paths refused
     _, js, *_, status = c.predict("", "", None, None, None, api_name="/report_lymphoma")
     assert js is None and "open a slide or image first" in status
     assert open_file(c, ihc_png)[1].startswith("Opened ihc")  # the session still works
@@ -144,10 +145,12 @@ def test_bad_file_is_a_clear_message_and_nothing_breaks(app_url, ihc_png, tmp_pa
 
 
 def test_heatmaps_region_zeroshot_and_case(model, ihc_png, tmp_path):
+    from pathvlm.ui.deploy import DeployConfig
     from pathvlm.ui.handlers import HEAT_SOURCES, Handlers
     from pathvlm.ui.state import Session
 
-    h = Handlers(model, max_new_tokens=4, generation=GEN)
+    h = Handlers(model, max_new_tokens=4, generation=GEN,
+                 deploy=DeployConfig(slide_roots=(ihc_png.parent, tmp_path)))
     s = h.open(None, str(ihc_png), "H&E", Session())[0]
     assert "Ask a question" in h.view(HEAT_SOURCES[1], None, 0.5, s)[1]
     for out in h.ask("Where is the tumour?", "active slide", False, s):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -10,6 +14,8 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings
 
 from pathvlm.ui import report as rep
+from pathvlm.ui.audit import AuditLog
+from pathvlm.ui.deploy import DeployConfig, find_examples
 from pathvlm.ui.handlers import HEAT_SOURCES, Handlers, ancillary_markdown
 from pathvlm.ui.state import Session
 
@@ -17,42 +23,41 @@ CONCURRENCY = 2  # events run at once; generation shares 2 CPU cores, more only 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def example_inputs() -> list[str]:
-    """Inputs that exist on this machine: scikit-image's colon image, ../shared/data/wsi slides."""
-    out = []
-    try:
-        import skimage
-
-        ihc = Path(skimage.__file__).parent / "data" / "ihc.png"
-        if ihc.exists():
-            out.append(str(ihc))
-    except ImportError:
-        pass
-    wsi = Path(os.environ.get("PATHVLM_DATA", REPO.parent / "shared" / "data")) / "wsi"
-    if wsi.is_dir():
-        out += sorted(str(p) for p in wsi.iterdir() if p.suffix.lower() in {".svs", ".tif", ".tiff",
-                                                                              ".ndpi", ".mrxs", ".png"})[:6]
-    return out
+def example_inputs(deploy: DeployConfig | None = None) -> dict[str, Path]:
+    """Examples that exist and open on this machine, by file name: scikit-image's colon image,
+    the first slides of each slide root and of ``$PATHVLM_DATA/wsi`` (``../shared/data/wsi``)."""
+    roots = deploy.slide_roots if deploy is not None else ()
+    env = os.environ.get("PATHVLM_DATA")
+    data = Path(env) if env else REPO.parent / "shared" / "data"
+    return find_examples(roots, data if data.is_dir() else None)
 
 
 def build_demo(model: Any, max_new_tokens: int = 128, title: str = "pathvlm",
-               generation: dict[str, Any] | None = None) -> Any:
+               generation: dict[str, Any] | None = None, deploy: DeployConfig | None = None,
+               audit: AuditLog | None = None) -> Any:
     """The app as a ``gr.Blocks`` (queued); launch it with ``launch_demo`` or ``.launch()``.
 
     Args:
         generation: extra ``model.stream`` options (e.g. ``min_new_tokens`` in tests).
+        deploy: slide roots and limits (default: no roots, the examples found on this machine).
+        audit: where open / ask / report events are recorded, or None.
     """
     import gradio as gr
 
-    h = Handlers(model, max_new_tokens=max_new_tokens, generation=generation)
-    with gr.Blocks(title=title) as demo:
-        c = _layout(gr, title)
+    deploy = deploy or DeployConfig()
+    if not deploy.examples:
+        deploy = replace(deploy, examples=example_inputs(deploy))
+    h = Handlers(model, max_new_tokens=max_new_tokens, generation=generation, deploy=deploy, audit=audit)
+    # uploads and report downloads older than a day are deleted, checked hourly
+    with gr.Blocks(title=title, delete_cache=(3600, 86400)) as demo:
+        c = _layout(gr, title, h)
         _wire(gr, h, c)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
+    demo.pathvlm_deploy = deploy  # launch_demo reads the upload limit from here
     return demo
 
 
-def _layout(gr: Any, title: str) -> SimpleNamespace:
+def _layout(gr: Any, title: str, h: Handlers) -> SimpleNamespace:
     """Components, by name: viewer and case panel on top, chat / zero-shot / report / case tabs."""
     from pathvlm.reports import ancillary as anc
     from pathvlm.reports import get_report_type
@@ -66,11 +71,15 @@ def _layout(gr: Any, title: str) -> SimpleNamespace:
     c.status = gr.Markdown("", elem_id="status")
     with gr.Row():
         with gr.Column(scale=1):
-            c.upload = gr.File(label="Slide or image", type="filepath", elem_id="upload")
-            c.path = gr.Textbox(label="...or a path on the server", elem_id="path")
+            c.upload = gr.File(label="Slide, image or case manifest (.yaml/.json)", type="filepath",
+                               elem_id="upload")
+            c.path = gr.Textbox(label="...or a path under " + ", ".join(r.name for r in h.access.roots),
+                                elem_id="path", visible=h.access.has_roots)
             c.stain = gr.Textbox(label="Stain (H&E, IHC: CD20, special: PAS)", value="H&E")
             c.open_btn = gr.Button("Open", variant="primary", elem_id="open")
-            gr.Examples(example_inputs(), inputs=[c.path], label="Examples")
+            c.example = gr.Dropdown(list(h.deploy.examples), value=None, label="Examples (open one)",
+                                    elem_id="examples", visible=bool(h.deploy.examples))
+            gr.Markdown(h.deploy.limits_markdown(), elem_id="limits")
             c.slide_pick = gr.Dropdown(label="Case slides", choices=[], interactive=True)
             c.info = gr.Markdown("")
         with gr.Column(scale=2):
@@ -125,55 +134,104 @@ def _layout(gr: Any, title: str) -> SimpleNamespace:
     return c
 
 
+def _as_user(gr: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(*inputs, user=login)`` as an event function: gradio passes its request as the last
+    argument (it finds it by the annotation), and the login name is taken from it."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name != "user"]
+    params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    default=None, annotation=gr.Request))
+    if inspect.isgeneratorfunction(getattr(fn, "func", fn)):
+        def wrapped(*args: Any) -> Any:
+            yield from fn(*args[:-1], user=getattr(args[-1], "username", None))
+    else:
+        def wrapped(*args: Any) -> Any:
+            return fn(*args[:-1], user=getattr(args[-1], "username", None))
+    wrapped.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapped.__annotations__ = {"request": gr.Request}
+    wrapped.__name__ = getattr(fn, "__name__", "handler")
+    return wrapped
+
+
 def _wire(gr: Any, h: Handlers, c: SimpleNamespace) -> None:
-    """Events; the model-heavy ones share one concurrency group so the queue bounds CPU load."""
+    """Events; the model-heavy ones share one concurrency group so the queue bounds CPU load.
 
-    def _open(u, p, s, sess, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's API
-        return h.open(u, p, s, sess, progress)
+    Events a client script needs keep an API name; the viewer's internal ones are private.
+    """
+    private = {"api_visibility": "private"}
 
-    def _select(sess, evt):
-        return h.region(tuple(evt.index), sess)
+    def _open(u, p, s, sess, progress=gr.Progress(track_tqdm=True), user=None):  # noqa: B008 - gradio
+        return h.open(u, p, s, sess, progress, user=user)
 
-    _select.__annotations__["evt"] = gr.SelectData  # a real class, so gradio injects the click
+    def _open_example(name, s, sess, progress=gr.Progress(track_tqdm=True), user=None):  # noqa: B008
+        return h.open_example(name, s, sess, progress, user=user)
+
+    def _select(sess, evt, user=None):
+        return h.region(tuple(evt.index), sess, user=user)
+
+    view = _as_user(gr, h.view)
+    select = _as_user(gr, _select)
+    select.__annotations__["evt"] = gr.SelectData  # a real class, so gradio injects the click
 
     view_in, view_out = [c.heat, c.heat_cls, c.opacity, c.session], [c.viewer, c.status]
-    c.open_btn.click(_open, [c.upload, c.path, c.stain, c.session],
-                     [c.session, c.info, c.viewer, c.slide_pick, c.status], api_name="open",
-                     concurrency_id="model")
-    c.slide_pick.input(h.switch, [c.slide_pick, c.session], [c.session, c.info, c.viewer],
+    open_out = [c.session, c.info, c.viewer, c.slide_pick, c.status]
+    c.open_btn.click(_as_user(gr, _open), [c.upload, c.path, c.stain, c.session], open_out,
+                     api_name="open", concurrency_id="model")
+    c.example.input(_as_user(gr, _open_example), [c.example, c.stain, c.session], open_out,
+                    api_name="open_example", concurrency_id="model")
+    c.slide_pick.input(_as_user(gr, h.switch), [c.slide_pick, c.session], [c.session, c.info, c.viewer],
                        api_name="switch")
     for ctl in (c.heat, c.heat_cls, c.opacity):
-        ctl.change(h.view, view_in, view_out, api_name=False)
-    c.viewer.select(_select, [c.session], [c.session, c.region, c.status], api_name=False)
+        ctl.change(view, view_in, view_out, **private)
+    c.viewer.select(select, [c.session], [c.session, c.region, c.status], **private)
     chat_in, chat_out = [c.question, c.scope, c.use_region, c.session], [c.chatbot, c.tiles, c.session,
                                                                         c.question, c.status]
-    c.send.click(h.ask, chat_in, chat_out, api_name="ask", concurrency_id="model").then(
-        h.view, view_in, view_out, api_name=False)
-    c.question.submit(h.ask, chat_in, chat_out, api_name=False, concurrency_id="model").then(
-        h.view, view_in, view_out, api_name=False)
-    c.clear.click(h.clear, [c.session], [c.chatbot, c.tiles, c.session], api_name="clear")
-    c.zs_btn.click(h.zeroshot, [c.classes, c.preset, c.session], [c.probs, c.heat_cls, c.session, c.status],
-                   api_name="zeroshot", concurrency_id="model")
-    c.add.click(h.add_ancillary, [c.test, c.target, c.result, c.session], [c.session, c.anc_table, c.status],
-                api_name="ancillary")
+    ask = _as_user(gr, h.ask)
+    c.send.click(ask, chat_in, chat_out, api_name="ask", concurrency_id="model").then(
+        view, view_in, view_out, **private)
+    c.question.submit(ask, chat_in, chat_out, concurrency_id="model", **private).then(
+        view, view_in, view_out, **private)
+    c.clear.click(_as_user(gr, h.clear), [c.session], [c.chatbot, c.tiles, c.session], api_name="clear")
+    c.zs_btn.click(_as_user(gr, h.zeroshot), [c.classes, c.preset, c.session],
+                   [c.probs, c.heat_cls, c.session, c.status], api_name="zeroshot", concurrency_id="model")
+    c.add.click(_as_user(gr, h.add_ancillary), [c.test, c.target, c.result, c.session],
+                [c.session, c.anc_table, c.status], api_name="ancillary")
     form = [c.procedure, c.site, c.size, c.examined, c.positive, c.session]
     report_out = [c.report_md, c.dl_json, c.dl_md, c.dl_fhir, c.session, c.status]
     for kind, btn in zip(rep.REPORT_KINDS, c.kind_btns):
-        btn.click(lambda *a, _k=kind: h.report(_k, *a), form, report_out, api_name=f"report_{kind}",
-                  concurrency_id="model")
+        btn.click(_as_user(gr, functools.partial(h.report, kind)), form, report_out,
+                  api_name=f"report_{kind}", concurrency_id="model")
 
 
-def launch_demo(demo: Any, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-                share: bool = False, max_file_size: str = "2gb", block: bool = True) -> Any:
-    """Serve the app; ``auth`` is ``user:password``. Binds localhost unless told otherwise."""
+def parse_auth(entries: list[str] | str | None, auth_file: str | Path | None = None
+               ) -> list[tuple[str, str]] | None:
+    """``user:password`` entries (and lines of ``auth_file``) as gradio's credential list."""
     from pathvlm.errors import ConfigError
 
-    credentials = None
-    if auth:
-        user, sep, password = auth.partition(":")
+    items = [entries] if isinstance(entries, str) else list(entries or [])
+    if auth_file:
+        try:
+            lines = Path(auth_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--auth-file {auth_file}: cannot read ({exc.strerror or exc})") from None
+        items += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    credentials: dict[str, str] = {}
+    for item in items:
+        user, sep, password = item.partition(":")
         if not sep or not user or not password:
-            raise ConfigError("--auth must be user:password")
-        credentials = (user, password)
+            raise ConfigError("--auth must be user:password (each line of --auth-file too)")
+        credentials[user] = password
+    return list(credentials.items()) or None
+
+
+def launch_demo(demo: Any, host: str = "127.0.0.1", port: int = 7860,
+                auth: list[str] | str | None = None, share: bool = False, max_file_size: str | None = None,
+                block: bool = True, auth_file: str | Path | None = None) -> Any:
+    """Serve the app; ``auth`` is ``user:password`` (or several). Binds localhost unless told
+    otherwise. ``max_file_size`` defaults to the limit of the demo's ``DeployConfig``."""
+    credentials = parse_auth(auth, auth_file)
+    deploy = getattr(demo, "pathvlm_deploy", None) or DeployConfig()
+    limit = max_file_size or deploy.max_file_size
     return demo.launch(server_name=host, server_port=port, auth=credentials, share=share,
-                       max_file_size=max_file_size, prevent_thread_lock=not block, quiet=not block,
+                       max_file_size=limit, prevent_thread_lock=not block, quiet=not block,
                        show_error=True)

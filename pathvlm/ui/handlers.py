@@ -12,9 +12,12 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from pathvlm.errors import ConfigError, PathVLMError
+from pathvlm.case import CaseError
+from pathvlm.errors import ConfigError, PathVLMError, SlideError
 from pathvlm.ui import report as rep
 from pathvlm.ui import viz
+from pathvlm.ui.audit import AuditLog, slide_fingerprint
+from pathvlm.ui.deploy import MANIFEST_SUFFIXES, DeployConfig, SlideAccess
 from pathvlm.ui.state import (
     CaseSlide,
     ModelGate,
@@ -28,54 +31,152 @@ from pathvlm.ui.state import (
 log = logging.getLogger(__name__)
 
 HEAT_SOURCES = ("none", "attention (last answer)", "zero-shot class")
+MAX_MANIFEST_BYTES = 256 << 10
 
 
 def problem(exc: Exception) -> str:
-    """One readable line for the status box."""
+    """One readable line for the status box; server paths are left out (the caller names the file)."""
     if isinstance(exc, ValidationError):
         return "; ".join(e["msg"] for e in exc.errors())
-    return str(exc)
+    if isinstance(exc, SlideError):
+        return exc.reason
+    if isinstance(exc, CaseError):
+        return f"{exc.entry}: {exc.problem}"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return " ".join(str(exc).split())
+
+
+def _echo(text: str, limit: int = 80) -> str:
+    """A user's path text, shortened and printable, to name it back in a message."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Handlers:
-    """Shared, read-mostly parts of the app (model, slide cache, zero-shot prompt encodings)."""
+    """Shared, read-mostly parts of the app (model, slide cache, zero-shot prompt encodings).
 
-    def __init__(self, model: Any, max_new_tokens: int = 128, cache_size: int = 16,
-                 generation: dict[str, Any] | None = None):
+    Every handler that takes a ``Session`` also takes ``user`` (the login, None without auth): a
+    state made under one login is never read under another (see ``own``).
+    """
+
+    def __init__(self, model: Any, max_new_tokens: int = 128, cache_size: int = 64,
+                 generation: dict[str, Any] | None = None, deploy: DeployConfig | None = None,
+                 audit: AuditLog | None = None):
         self.model = model
         self.gate = ModelGate(model)
-        self.cache = SlideCache(cache_size)
+        self.deploy = deploy or DeployConfig()
+        self.access = SlideAccess(self.deploy.slide_roots, self.deploy.examples)
+        self.cache = SlideCache(cache_size, int(self.deploy.max_cache_mb * 2**20))
+        self.audit = audit
         self.classifiers: dict[str, Any] = {}
         self.gen = {"max_new_tokens": max_new_tokens, **(generation or {})}
 
+    def own(self, session: Session | None, user: str | None) -> Session:
+        """``session`` when it belongs to ``user`` (or to nobody yet), else a fresh one."""
+        if session is None:
+            return Session(owner=user)
+        if session.owner is None:
+            session.owner = user
+        elif session.owner != user:
+            log.warning("a request of %r carried the state of another login; given a fresh one", user)
+            return Session(owner=user)
+        return session
+
+    def _audit(self, event: str, user: str | None, slides: list[str], ok: bool, **extra: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(event, user, slides, ok, **extra)
+
     # -- slides -----------------------------------------------------------------------------
     def open(self, upload: str | None, path: str | None, stain: str | None, session: Session,
-             progress: Any = None) -> tuple[Session, str, Any, Any, str]:
-        """Open an uploaded file or a server path, add it to the case and show it."""
-        original = session if session is not None else Session()
+             progress: Any = None, user: str | None = None) -> tuple[Session, str, Any, Any, str]:
+        """Open an uploaded file, an example or a server path under a slide root (a slide, an
+        image or a case manifest), add it to the case and show it."""
+        original = self.own(session, user)
         session = copy.deepcopy(original)
-        src = upload or (path or "").strip()
-        if not src:
+        text = (path or "").strip()
+        if not upload and not text:
             return session, "", None, self.slide_names(session), "Choose a file or enter a path."
+        shown, tried = (Path(upload).name if upload else _echo(text)), []
         try:
+            src = Path(upload) if upload else self.access.resolve(text)
+            shown = src.name
             if progress is not None:
                 progress(0.0, desc="opening and embedding")
-            # no lock: embedding touches only the encoder, so chat in other sessions goes on
-            prepared, key, cached = prepare_slide(self.model, src, self.cache)
-            slide = CaseSlide(key, prepared.name, prepared.path, (stain or "H&E").strip() or "H&E")
-            names = [s.name for s in session.slides]
-            if prepared.name in names:
-                session.slides[names.index(prepared.name)] = slide
+            if src.suffix.lower() in MANIFEST_SUFFIXES:
+                prepared, cached = self._open_manifest(src, session, bool(upload), tried)
+                status = f"Opened case {src.stem} ({len(session.slides)} slides)"
             else:
-                session.slides.append(slide)
-            _normalise_stains(session)
+                prepared, cached = self._add_slide(session, src, stain, tried)
+                status = f"Opened {prepared.name}"
         except (PathVLMError, ValidationError, OSError) as exc:
+            self._audit("open", user, tried, False)
             return (original, "", None, self.slide_names(original),
-                    f"Could not open {Path(src).name}: {problem(exc)}")
-        session.active = [s.name for s in session.slides].index(prepared.name)
+                    f"Could not open {shown}: {problem(exc)}")
+        self._audit("open", user, tried, True)
         session.zeroshot, session.region = None, None
-        status = f"Opened {prepared.name}" + (" (from cache)" if cached else "")
+        status += " (from cache)" if cached else ""
         return session, info_markdown(prepared), prepared.outlined, self.slide_names(session), status
+
+    def open_example(self, name: str | None, stain: str | None, session: Session, progress: Any = None,
+                     user: str | None = None) -> tuple[Session, str, Any, Any, str]:
+        """Open one of the listed examples by its file name."""
+        if name and name not in self.deploy.examples:
+            session = self.own(session, user)
+            return (session, "", None, self.slide_names(session),
+                    f"Could not open {_echo(name)}: not one of this server's examples")
+        return self.open(None, name, stain, session, progress, user)
+
+    def _add_slide(self, session: Session, src: Path, stain: str | None, tried: list[str],
+                   activate: bool = True) -> tuple[Any, bool]:
+        """Prepare ``src`` (within the session's and the server's limits) and put it in the case;
+        its fingerprint is appended to ``tried`` for the audit log."""
+        d = self.deploy
+        names = [s.name for s in session.slides]
+        if src.stem not in names and len(session.slides) >= d.max_session_slides:
+            raise ConfigError(f"this session's case already holds {len(session.slides)} slides, the "
+                              "limit on this server; start a new session (a new browser tab)")
+        fingerprint = slide_fingerprint(src)
+        tried.append(fingerprint)
+        prepared, key, cached = prepare_slide(self.model, src, self.cache, max_pixels=d.max_pixels)
+        held = sum(self.cache.nbytes(s.key) for s in session.slides if s.name != prepared.name)
+        held += self.cache.nbytes(key)
+        if held > d.max_session_feature_mb * 2**20:
+            raise ConfigError(f"with this slide the session's case would hold {held / 2**20:.0f} MB of "
+                              f"features, above this server's {d.max_session_feature_mb:g} MB a session")
+        slide = CaseSlide(key, prepared.name, prepared.path, (stain or "H&E").strip() or "H&E", fingerprint)
+        if prepared.name in names:
+            session.slides[names.index(prepared.name)] = slide
+        else:
+            session.slides.append(slide)
+        _normalise_stains(session)
+        if activate:
+            session.active = [s.name for s in session.slides].index(prepared.name)
+        return prepared, cached
+
+    def _open_manifest(self, src: Path, session: Session, uploaded: bool, tried: list[str]
+                       ) -> tuple[Any, bool]:
+        """Every slide of a case manifest, or none; the case replaces the session's slides, chat
+        and ancillary results. Paths in it obey the slide roots like the path box."""
+        from pathvlm.case import load_case
+
+        if src.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ConfigError(f"a case manifest may be at most {MAX_MANIFEST_BYTES >> 10} KiB")
+        case = load_case(src, resolve_slide=self.access.manifest_resolver(uploaded))
+        if len(case.slides) > self.deploy.max_session_slides:
+            raise ConfigError(f"the case has {len(case.slides)} slides; this server allows "
+                              f"{self.deploy.max_session_slides} a session")
+        work = Session(owner=session.owner)
+        first, cached_all = None, True
+        for i, ref in enumerate(case.slides):
+            try:
+                prepared, cached = self._add_slide(work, Path(ref.path), ref.stain, tried, activate=i == 0)
+            except PathVLMError as exc:
+                raise CaseError(src.name, f"slides[{i}] ({ref.name})", problem(exc)) from None
+            first, cached_all = first or prepared, cached_all and cached
+        work.ancillary = [r.model_dump(mode="json", exclude_none=True) for r in case.ancillary_results]
+        session.__dict__.update(work.__dict__)
+        return first, cached_all
 
     def slide_names(self, session: Session) -> Any:
         import gradio as gr
@@ -84,7 +185,9 @@ class Handlers:
         value = names[session.active] if session.active is not None and names else None
         return gr.update(choices=names, value=value)
 
-    def switch(self, choice: str | None, session: Session) -> tuple[Session, str, Any]:
+    def switch(self, choice: str | None, session: Session, user: str | None = None
+               ) -> tuple[Session, str, Any]:
+        session = self.own(session, user)
         names = [f"{s.name} [{s.stain}]" for s in session.slides]
         if choice not in names:
             return session, "", None
@@ -99,12 +202,14 @@ class Handlers:
         s = session.slides[session.active]
         prepared = self.cache.get(s.key)
         if prepared is None:
-            raise ConfigError(f"{s.path}: the slide dropped out of the cache; open it again")
+            raise ConfigError(f"{s.name}: the slide dropped out of the server's cache; open it again")
         return prepared
 
     # -- viewer -----------------------------------------------------------------------------
-    def view(self, source: str, cls: str | None, opacity: float, session: Session) -> tuple[Any, str]:
+    def view(self, source: str, cls: str | None, opacity: float, session: Session,
+             user: str | None = None) -> tuple[Any, str]:
         """The active thumbnail with the chosen heatmap over it."""
+        session = self.own(session, user)
         try:
             prepared = self.active(session)
         except PathVLMError as exc:
@@ -126,8 +231,10 @@ class Handlers:
                               prepared.extent)
         return viz.overlay(prepared.outlined, grid, opacity, normalise=source == HEAT_SOURCES[1]), ""
 
-    def region(self, xy: tuple[float, float], session: Session) -> tuple[Session, Any, str]:
+    def region(self, xy: tuple[float, float], session: Session, user: str | None = None
+               ) -> tuple[Session, Any, str]:
         """Full-resolution crop around a click on the thumbnail."""
+        session = self.own(session, user)
         try:
             prepared = self.active(session)
             with rep_open(prepared.path) as slide:
@@ -154,29 +261,33 @@ class Handlers:
         for s in chosen:
             prepared = self.cache.get(s.key)
             if prepared is None:
-                raise ConfigError(f"{s.path}: the slide dropped out of the cache; open it again")
+                raise ConfigError(f"{s.name}: the slide dropped out of the server's cache; open it again")
             item = copy.copy(prepared.inputs[0])
             item.stain = s.stain
             inputs.append(item)
         return inputs
 
-    def ask(self, question: str, scope: str, use_region: bool, session: Session
+    def ask(self, question: str, scope: str, use_region: bool, session: Session, user: str | None = None
             ) -> Iterator[tuple[list[dict[str, str]], list, Session, str, str]]:
         """Stream the answer into the chat; afterwards show the tiles it drew on."""
-        session = copy.deepcopy(session) if session is not None else Session()
+        session = copy.deepcopy(self.own(session, user))
         question = (question or "").strip()
         if not question:
             yield session.history, [], session, "", "Type a question."
             return
         history = list(session.history)
+        used = [s.fingerprint for s in session.slides] if scope == "whole case" else \
+            [session.slides[session.active].fingerprint] if session.active is not None else []
         try:
             inputs = self.chat_input(session, scope, use_region)
             # case-fact questions are answered from the case tab: slides, stains, entered results
             case = rep.build_case(session) if session.slides else None
             pieces, attention = self.gate.stream(inputs, question, history, case=case, **self.gen)
         except (PathVLMError, ValidationError, OSError) as exc:
+            self._audit("ask", user, used, False, question=question)
             yield history, [], session, question, f"Could not answer: {problem(exc)}"
             return
+        self._audit("ask", user, used, True, question=question, scope=scope, region=bool(use_region))
         answer = ""
         shown = history + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         for piece in pieces:
@@ -202,17 +313,19 @@ class Handlers:
                 out += viz.tile_crops(slide, [r for r in rows if r["slide"] == name], prepared.extent)
         return out
 
-    def clear(self, session: Session) -> tuple[list, list, Session]:
-        session = copy.deepcopy(session) if session is not None else Session()
+    def clear(self, session: Session, user: str | None = None) -> tuple[list, list, Session]:
+        session = copy.deepcopy(self.own(session, user))
         session.history, session.attention = [], []
         return [], [], session
 
     # -- zero-shot --------------------------------------------------------------------------
-    def zeroshot(self, classes: str, preset: str, session: Session) -> tuple[Any, Any, Session, str]:
+    def zeroshot(self, classes: str, preset: str, session: Session, user: str | None = None
+                 ) -> tuple[Any, Any, Session, str]:
         import gradio as gr
 
         from pathvlm.zeroshot import ZeroShotClassifier
 
+        session = self.own(session, user)
         try:
             prepared = self.active(session)
             if preset and preset != "custom":
@@ -232,10 +345,11 @@ class Handlers:
             f"{prepared.name}: {result.label}"
 
     # -- case and report --------------------------------------------------------------------
-    def add_ancillary(self, test: str, target: str, result: str, session: Session
-                      ) -> tuple[Session, str, str]:
+    def add_ancillary(self, test: str, target: str, result: str, session: Session,
+                      user: str | None = None) -> tuple[Session, str, str]:
         from pathvlm.case import AncillaryResult
 
+        session = self.own(session, user)
         try:
             entry = AncillaryResult(test=test, target=target, result=result).model_dump(mode="json")
         except ValidationError as exc:
@@ -245,15 +359,18 @@ class Handlers:
         return session, ancillary_markdown(session), f"Added {entry['test']} {entry['target']}"
 
     def report(self, kind: str, procedure: str | None, site: str | None, size_cm: float | None,
-               nodes_examined: float | None, nodes_positive: float | None, session: Session
-               ) -> tuple[str, Any, Any, Any, Session, str]:
-        session = copy.deepcopy(session) if session is not None else Session()
+               nodes_examined: float | None, nodes_positive: float | None, session: Session,
+               user: str | None = None) -> tuple[str, Any, Any, Any, Session, str]:
+        session = copy.deepcopy(self.own(session, user))
+        used = [s.fingerprint for s in session.slides]
         try:
             clinical = rep.clinical_from_form(kind, procedure, site, size_cm, nodes_examined, nodes_positive)
             report = self.gate.run(lambda: rep.draft_for_session(self.model, session, self.cache, kind,
                                                                  clinical, self.classifiers))
         except (PathVLMError, ValidationError) as exc:
+            self._audit("report", user, used, False, kind=kind)
             return "", None, None, None, session, f"Could not draft the report: {problem(exc)}"
+        self._audit("report", user, used, True, kind=kind)
         from pathvlm.reports import render_report
 
         paths = rep.write_downloads(report, Path(tempfile.mkdtemp(prefix="pathvlm-report-")))

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pathvlm.errors import PathVLMError, SlideError
+from pathvlm.slide.base import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,30 @@ class PreparedSlide:
     def bag(self) -> Any:
         return self.inputs[0].bag
 
+    @property
+    def feature_bytes(self) -> int:
+        return sum(int(x.bag.features.nbytes) + int(np.asarray(x.bag.coords).nbytes) for x in self.inputs)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this entry holds: features, coordinates and the two RGB thumbnails."""
+        pictures = sum(3 * im.size[0] * im.size[1] for im in {id(self.thumb): self.thumb,
+                                                              id(self.outlined): self.outlined}.values())
+        return self.feature_bytes + pictures
+
+
+class CacheFull(PathVLMError):
+    """One prepared slide is larger than the whole cache may hold."""
+
 
 class SlideCache:
-    """Prepared slides keyed by file fingerprint + encoder, least recently used dropped first."""
+    """Prepared slides keyed by file fingerprint + encoder, least recently used dropped first once
+    there are more than ``max_items`` or they hold more than ``max_bytes``."""
 
-    def __init__(self, max_items: int = 16):
-        self.max_items = max_items
+    def __init__(self, max_items: int = 64, max_bytes: int = 2 << 30):
+        self.max_items, self.max_bytes = max_items, max_bytes
         self._items: OrderedDict[str, PreparedSlide] = OrderedDict()
+        self._bytes: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def get(self, key: str) -> PreparedSlide | None:
@@ -56,11 +74,24 @@ class SlideCache:
             return item
 
     def put(self, key: str, item: PreparedSlide) -> None:
+        size = item.nbytes
+        if size > self.max_bytes:
+            raise CacheFull(f"{item.name}: its features and pictures need {size / 2**20:.0f} MB, more "
+                            f"than this server keeps for all slides ({self.max_bytes / 2**20:.0f} MB)")
         with self._lock:
-            self._items[key] = item
+            self._items[key], self._bytes[key] = item, size
             self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            while len(self._items) > self.max_items or self.total_bytes > self.max_bytes:
+                old, _ = self._items.popitem(last=False)
+                del self._bytes[old]
+                log.info("slide cache: dropped %s (least recently used)", old.split("|")[0])
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self._bytes.values())
+
+    def nbytes(self, key: str) -> int:
+        return self._bytes.get(key, 0)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -72,6 +103,7 @@ class CaseSlide:
     name: str
     path: str
     stain: str = "H&E"
+    fingerprint: str = ""  # audit: hash of size + header bytes, never the path
 
 
 @dataclass
@@ -86,6 +118,7 @@ class Session:
     ancillary: list[dict[str, Any]] = field(default_factory=list)
     region: tuple[int, int, int] | None = None  # slide index, level-0 x, y of the zoomed region
     report: Any = None
+    owner: str | None = None  # the login that made this state; no other login may use it
 
 
 def encoder_key(model: Any) -> str:
@@ -108,15 +141,30 @@ def file_fingerprint(path: Path, chunk: int = 4 << 20) -> str:
     return f"{path.name}|{size}|{h.hexdigest()}"
 
 
-def open_for_app(path: str | Path) -> Any:
+def open_for_app(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
     from pathvlm.slide import open_slide
 
-    return open_slide(Path(path))
+    return open_slide(Path(path), max_pixels=max_pixels)
 
 
-def prepare_slide(model: Any, path: str | Path, cache: SlideCache, thumb_size: int = 768
-                  ) -> tuple[PreparedSlide, str, bool]:
-    """Open, outline and embed a slide or image once; returns (prepared, cache key, was cached)."""
+def check_pixel_budget(slide: Any, tile_mpp: float, max_pixels: int) -> None:
+    """Refuse a slide whose tile grid at ``tile_mpp`` (level 0 when the file records no mpp) has
+    more than ``max_pixels`` pixels, before a thumbnail or tile is read."""
+    w, h = slide.dimensions
+    scale = (slide.mpp[0] / tile_mpp) * (slide.mpp[1] / tile_mpp) if slide.mpp else 1.0
+    pixels = w * h * min(scale, 1.0)
+    if pixels > max_pixels:
+        where = f"at {tile_mpp:g} um/px" if slide.mpp else "(no mpp recorded: level 0)"
+        raise SlideError(slide.path, f"{w} x {h} px is {pixels / 1e6:,.0f} Mpx {where}, above this "
+                                     f"server's budget of {max_pixels / 1e6:,.0f} Mpx")
+
+
+def prepare_slide(model: Any, path: str | Path, cache: SlideCache, thumb_size: int = 768,
+                  max_pixels: int | None = None) -> tuple[PreparedSlide, str, bool]:
+    """Open, outline and embed a slide or image once; returns (prepared, cache key, was cached).
+
+    ``max_pixels``: the pixel budget (plain images decoded, slides at the embedding resolution).
+    """
     from pathvlm.model.inputs import resolve_inputs
     from pathvlm.slide import TileConfig, TissueConfig, detect_tissue
     from pathvlm.ui.viz import outline_tissue, tile_extent
@@ -124,11 +172,13 @@ def prepare_slide(model: Any, path: str | Path, cache: SlideCache, thumb_size: i
     path = Path(path)
     if not path.exists():
         raise SlideError(path, "file not found")
-    with open_for_app(path) as slide:
+    budget = max_pixels or DEFAULT_MAX_PIXELS
+    with open_for_app(path, budget) as slide:
         key = f"{file_fingerprint(path)}|{encoder_key(model)}"
         hit = cache.get(key)
         if hit is not None:
             return hit, key, True
+        check_pixel_budget(slide, model.cfg.tile_mpp, budget)
         info = slide.info()
         thumb = slide.thumbnail(thumb_size)
         try:
