@@ -17,7 +17,7 @@ from pathvlm.ui import report as rep
 from pathvlm.ui.audit import AuditLog
 from pathvlm.ui.deploy import DeployConfig, find_examples
 from pathvlm.ui.handlers import HEAT_SOURCES, Handlers, ancillary_markdown
-from pathvlm.ui.state import Session
+from pathvlm.ui.state import Session, SessionStore
 
 CONCURRENCY = 2  # events run at once; generation shares 2 CPU cores, more only queues in torch
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def _layout(gr: Any, title: str, h: Handlers) -> SimpleNamespace:
     procedures = sorted({v for k in rep.REPORT_KINDS if "procedure" in get_report_type(k).field_names
                          for v in get_report_type(k).spec("procedure").values})
     c = SimpleNamespace()
-    c.session = gr.State(Session())
+    c.session = gr.State(SessionStore())
     gr.Markdown(f"# {title}\nDraft assistance for pathologists: every answer and report field is "
                 "a draft to verify. Label and macro images are never shown.")
     c.status = gr.Markdown("", elem_id="status")
@@ -80,7 +80,10 @@ def _layout(gr: Any, title: str, h: Handlers) -> SimpleNamespace:
             c.example = gr.Dropdown(list(h.deploy.examples), value=None, label="Examples (open one)",
                                     elem_id="examples", visible=bool(h.deploy.examples))
             gr.Markdown(h.deploy.limits_markdown(), elem_id="limits")
-            c.slide_pick = gr.Dropdown(label="Case slides", choices=[], interactive=True)
+            # custom values allowed: gradio would otherwise name the choices of the session id it
+            # was given in its error, even to a request of another login (the handler checks them)
+            c.slide_pick = gr.Dropdown(label="Case slides", choices=[], interactive=True,
+                                       allow_custom_value=True)
             c.info = gr.Markdown("")
         with gr.Column(scale=2):
             c.viewer = gr.Image(label="Thumbnail (tissue outlined; click to zoom)", type="pil",
@@ -135,18 +138,33 @@ def _layout(gr: Any, title: str, h: Handlers) -> SimpleNamespace:
 
 
 def _as_user(gr: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn(*inputs, user=login)`` as an event function: gradio passes its request as the last
-    argument (it finds it by the annotation), and the login name is taken from it."""
+    """``fn(*inputs, user=login)`` as an event function. Gradio passes its request last (found by
+    the annotation); the login picks that user's ``Session`` out of the state's ``SessionStore``
+    on the way in, and the returned ``Session`` goes back under the same login on the way out."""
     sig = inspect.signature(fn)
     params = [p for p in sig.parameters.values() if p.name != "user"]
     params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                     default=None, annotation=gr.Request))
+
+    def split(args: tuple[Any, ...]) -> tuple[list[Any], SessionStore, str | None]:
+        user = getattr(args[-1], "username", None)
+        store = next((a for a in args[:-1] if isinstance(a, SessionStore)), SessionStore())
+        return [a.get(user) if isinstance(a, SessionStore) else a for a in args[:-1]], store, user
+
+    def join(out: Any, store: SessionStore, user: str | None) -> Any:
+        if isinstance(out, tuple):
+            return tuple(store.put(user, o) if isinstance(o, Session) else o for o in out)
+        return store.put(user, out) if isinstance(out, Session) else out
+
     if inspect.isgeneratorfunction(getattr(fn, "func", fn)):
         def wrapped(*args: Any) -> Any:
-            yield from fn(*args[:-1], user=getattr(args[-1], "username", None))
+            inputs, store, user = split(args)
+            for out in fn(*inputs, user=user):
+                yield join(out, store, user)
     else:
         def wrapped(*args: Any) -> Any:
-            return fn(*args[:-1], user=getattr(args[-1], "username", None))
+            inputs, store, user = split(args)
+            return join(fn(*inputs, user=user), store, user)
     wrapped.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     wrapped.__annotations__ = {"request": gr.Request}
     wrapped.__name__ = getattr(fn, "__name__", "handler")

@@ -193,7 +193,10 @@ class Handlers:
             return session, "", None
         session = copy.deepcopy(session)
         session.active, session.zeroshot, session.region = names.index(choice), None, None
-        prepared = self.active(session)
+        try:
+            prepared = self.active(session)
+        except PathVLMError as exc:  # dropped out of the cache: say so where the info would be
+            return session, f"**{problem(exc)}**", None
         return session, info_markdown(prepared), prepared.outlined
 
     def active(self, session: Session) -> Any:

@@ -121,6 +121,20 @@ class Session:
     owner: str | None = None  # the login that made this state; no other login may use it
 
 
+@dataclass
+class SessionStore:
+    """What one browser session's ``gr.State`` holds: a ``Session`` per login, so a request that
+    arrives with another login's session id reads and overwrites only its own entry."""
+
+    by_user: dict[str | None, Session] = field(default_factory=dict)
+
+    def get(self, user: str | None) -> Session:
+        return self.by_user.get(user) or Session(owner=user)
+
+    def put(self, user: str | None, session: Session) -> SessionStore:
+        return SessionStore({**self.by_user, user: session})
+
+
 def encoder_key(model: Any) -> str:
     enc = getattr(model, "encoder", None)
     if enc is None:
