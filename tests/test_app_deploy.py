@@ -16,10 +16,10 @@ from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
 
-from test_app import GEN, free_port, text, tiny_model  # noqa: E402
+from test_app import GEN, free_port, text, tiny_model
 
-from pathvlm.errors import ConfigError  # noqa: E402
-from pathvlm.ui.deploy import OUTSIDE, DeployConfig, PathRefused, SlideAccess, find_examples  # noqa: E402
+from pathvlm.errors import ConfigError
+from pathvlm.ui.deploy import OUTSIDE, DeployConfig, PathRefused, SlideAccess, find_examples
 
 LONG = "x" * 300 + ".png"  # longer than NAME_MAX (255)
 
@@ -112,7 +112,7 @@ def test_manifest_paths_obey_the_roots(model, tree, tmp_path):
         return str(path)
 
     ok = manifest("good.json", [str(root / "a.png"), "sub/Schnitt-ü-日本.png"])  # relative: under the roots
-    session, _, _, names, status = h.open(ok, "", "H&E", Session())
+    session, _, _, _, status = h.open(ok, "", "H&E", Session())
     assert status == "Opened case good (2 slides)" and [s.name for s in session.slides] == ["a", "Schnitt-ü-日本"]
     answers = set()
     for p in ["/etc/passwd", "/etc/doesnotexist", str(secret), "../secret.png", f"{root}/out.png"]:
@@ -228,7 +228,7 @@ def chat_questions(chat) -> list[str]:
 
 
 def test_two_logins_never_see_each_other(shared_app, tmp_path):
-    url, root, base = shared_app
+    url, _, base = shared_app
     alice, bob = login(url, "alice", tmp_path), login(url, "bob", tmp_path)
     assert alice.predict(None, "alice_slide.png", "H&E", api_name="/open")[-1] == "Opened alice_slide"
     assert bob.predict(None, "bob_slide.png", "H&E", api_name="/open")[-1] == "Opened bob_slide"
