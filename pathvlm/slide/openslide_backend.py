@@ -16,6 +16,14 @@ log = logging.getLogger(__name__)
 # properties that describe associated images (label, macro: patient identifiers) are dropped
 _HIDDEN_PREFIXES = ("openslide.associated.",)
 
+# A TIFF's tables are checked before OpenSlide reads pixels: libtiff/glib abort the whole process
+# when a corrupt header makes them allocate a tile of terabytes, and a header that claims far more
+# pixels than exist turns a thumbnail into hours of reading nothing.
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+MAX_TILE_PIXELS = 4096 * 4096
+MAX_LEVEL_PIXELS = 10**11  # ~316k x 316k px; the largest scans are ~2e10
+_MAX_PAGES = 64
+
 
 def _openslide() -> Any:
     try:
@@ -42,6 +50,7 @@ class OpenSlideSlide(Slide):
     backend = "openslide"
 
     def __init__(self, path: Path, vendor: str, mpp: float | None = None):
+        check_tiff_tables(path)
         openslide = _openslide()
         self._openslide_error = openslide.OpenSlideError
         try:
@@ -86,6 +95,53 @@ class OpenSlideSlide(Slide):
         if getattr(self, "_osr", None) is not None:
             self._osr.close()
             self._osr = None
+
+
+def check_tiff_tables(path: Path) -> None:
+    """Refuse a TIFF-based slide whose tables cannot describe real pixels: tiles or strips larger
+    than any scanner writes, a level claiming more than ``MAX_LEVEL_PIXELS``, fewer tiles than
+    its size needs, or data past the end of the file. Other formats pass unchecked."""
+    import struct
+
+    import tifffile
+
+    with open(path, "rb") as f:
+        if f.read(4) not in _TIFF_MAGIC:
+            return
+    size = path.stat().st_size
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for i, page in enumerate(tif.pages):
+                if i >= _MAX_PAGES:
+                    break
+                _check_page(path, i, page, size)
+    except (tifffile.TiffFileError, ValueError, TypeError, KeyError, IndexError, OverflowError,
+            struct.error, OSError, MemoryError) as exc:
+        raise SlideError(path, f"corrupt TIFF structure ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _check_page(path: Path, i: int, page: Any, file_size: int) -> None:
+    w, h = int(page.imagewidth), int(page.imagelength)
+    if w <= 0 or h <= 0 or w * h > MAX_LEVEL_PIXELS:
+        raise SlideError(path, f"TIFF page {i} claims {w} x {h} px (corrupt header?)")
+    if page.is_tiled:
+        tw, th = int(page.tilewidth), int(page.tilelength)
+        chunk = tw * th
+        needed = -(-w // max(tw, 1)) * -(-h // max(th, 1))
+    else:
+        chunk = w * min(int(page.rowsperstrip or h), h)
+        needed = -(-h // max(1, min(int(page.rowsperstrip or h), h)))
+    if chunk <= 0 or chunk > MAX_TILE_PIXELS:
+        raise SlideError(path, f"TIFF page {i} has {'tiles' if page.is_tiled else 'strips'} of "
+                               f"{chunk:,} px (corrupt header?)")
+    offsets, counts = page.dataoffsets, page.databytecounts
+    if len(offsets) < needed:
+        raise SlideError(path, f"TIFF page {i} lists {len(offsets)} tiles or strips; {w} x {h} px need "
+                               f"{needed} (corrupt header?)")
+    end = max((int(o) + int(c) for o, c in zip(offsets, counts) if c), default=0)
+    if end > file_size:
+        raise SlideError(path, f"TIFF page {i} has pixel data past the end of the file "
+                               f"(byte {end:,} of {file_size:,}: truncated or corrupt)")
 
 
 def _file_mpp(props: dict[str, str]) -> tuple[float, float] | None:
