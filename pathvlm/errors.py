@@ -21,8 +21,13 @@ class SlideError(PathVLMError):
 
     def __init__(self, path: str | Path, reason: str):
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.reason = one_line(reason)  # a corrupt file's bytes can end up in a library's message
+        super().__init__(f"{one_line(self.path)}: {self.reason}")
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line: control characters and runs of whitespace become one space."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in str(text)).split())
 
 
 class ModelError(PathVLMError):

@@ -109,6 +109,9 @@ def check_tiff_tables(path: Path) -> None:
         if f.read(4) not in _TIFF_MAGIC:
             return
     size = path.stat().st_size
+    quiet = logging.getLogger("tifffile")  # it logs each bad tag; the one SlideError says it all
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         with tifffile.TiffFile(path) as tif:
             for i, page in enumerate(tif.pages):
@@ -117,24 +120,23 @@ def check_tiff_tables(path: Path) -> None:
                 _check_page(path, i, page, size)
     except (tifffile.TiffFileError, ValueError, TypeError, KeyError, IndexError, OverflowError,
             struct.error, OSError, MemoryError) as exc:
-        raise SlideError(path, f"corrupt TIFF structure ({' '.join(str(exc).split())[:200]})") from None
+        raise SlideError(path, f"corrupt TIFF structure ({str(exc)[:200]})") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def _check_page(path: Path, i: int, page: Any, file_size: int) -> None:
     w, h = int(page.imagewidth), int(page.imagelength)
     if w <= 0 or h <= 0 or w * h > MAX_LEVEL_PIXELS:
         raise SlideError(path, f"TIFF page {i} claims {w} x {h} px (corrupt header?)")
-    if page.is_tiled:
-        tw, th = int(page.tilewidth), int(page.tilelength)
-        chunk = tw * th
-        needed = -(-w // max(tw, 1)) * -(-h // max(th, 1))
-    else:
-        chunk = w * min(int(page.rowsperstrip or h), h)
-        needed = -(-h // max(1, min(int(page.rowsperstrip or h), h)))
-    if chunk <= 0 or chunk > MAX_TILE_PIXELS:
-        raise SlideError(path, f"TIFF page {i} has {'tiles' if page.is_tiled else 'strips'} of "
-                               f"{chunk:,} px (corrupt header?)")
     offsets, counts = page.dataoffsets, page.databytecounts
+    if page.is_tiled:  # OpenSlide reads tiled pages; stripped ones (flat images) go to Pillow
+        tw, th = int(page.tilewidth), int(page.tilelength)
+        if tw <= 0 or th <= 0 or tw * th > MAX_TILE_PIXELS:
+            raise SlideError(path, f"TIFF page {i} has tiles of {tw} x {th} px (corrupt header?)")
+        needed = -(-w // tw) * -(-h // th)
+    else:
+        needed = -(-h // max(1, min(int(page.rowsperstrip or h), h)))
     if len(offsets) < needed:
         raise SlideError(path, f"TIFF page {i} lists {len(offsets)} tiles or strips; {w} x {h} px need "
                                f"{needed} (corrupt header?)")
