@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pathvlm.errors import ConfigError, PathVLMError
+from pathvlm.errors import ConfigError, PathVLMError, one_line
 from pathvlm.reports import ancillary
 from pathvlm.resources import expand_data_path, not_found_message, resolve_resource
 
@@ -27,8 +27,8 @@ class CaseError(ConfigError):
     """A manifest problem: names the file, the entry and the problem."""
 
     def __init__(self, path: str | Path, entry: str, problem: str):
-        self.path, self.entry, self.problem = str(path), entry, problem
-        super().__init__(f"{self.path}: {entry}: {problem}")
+        self.path, self.entry, self.problem = str(path), one_line(entry), one_line(problem)
+        super().__init__(f"{one_line(self.path)}: {self.entry}: {self.problem}")
 
 
 def normalize_stain(text: str) -> str:
@@ -199,12 +199,16 @@ def load_case(path: str | Path, resolve_slide: Callable[[Path, Path], Path] | No
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CaseError(path, "manifest", f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CaseError(path, "manifest", f"not UTF-8 text (byte {exc.start})") from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
         raise CaseError(path, "manifest", f"invalid {kind}: {' '.join(str(exc).split())}") \
             from None
+    except RecursionError:
+        raise CaseError(path, "manifest", "nested too deeply") from None
     if not isinstance(data, dict):
         raise CaseError(path, "manifest", "expected a mapping with 'id' and 'slides'")
     data.setdefault("id", path.stem.removesuffix(".case"))
@@ -212,6 +216,8 @@ def load_case(path: str | Path, resolve_slide: Callable[[Path, Path], Path] | No
         case = Case.model_validate(data)
     except ValidationError as exc:
         raise _as_case_error(path, data, exc) from None
+    except RecursionError:
+        raise CaseError(path, "manifest", "nested too deeply") from None
     for i, s in enumerate(case.slides):
         try:
             given = expand_data_path(s.path)
@@ -223,8 +229,15 @@ def load_case(path: str | Path, resolve_slide: Callable[[Path, Path], Path] | No
             except PathVLMError as exc:
                 raise CaseError(path, f"slides[{i}] ({s.path})", str(exc)) from None
         else:
-            resolved = given if given.is_absolute() else (path.parent / given).resolve()
-        if not resolved.exists():
+            try:
+                resolved = given if given.is_absolute() else (path.parent / given).resolve()
+            except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+                raise CaseError(path, f"slides[{i}] ({s.path})", f"not a usable path ({exc})") from None
+        try:
+            found = resolved.exists()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+            found = False
+        if not found:
             raise CaseError(path, f"slides[{i}] ({s.path})", f"slide file not found: {resolved}")
         s.path = resolved
     try:  # duplicates may only show once relative paths are resolved
