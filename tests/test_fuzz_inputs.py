@@ -10,8 +10,6 @@ output; the app must answer with one status line.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import random
 import shutil
@@ -31,6 +29,7 @@ TINY_LLM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
 TIME_LIMIT_S = 60.0  # per input and command, on a loaded 2-core box
 TRIED: dict[str, int] = {}  # inputs tried per test, printed at the end (README reliability figures)
+SUMMARY: list[str] = []
 
 
 # ------------------------------------------------------------------ building the inputs
@@ -186,12 +185,15 @@ def tiny_run(tmp_path_factory) -> Path:
     return model.save_pretrained(tmp_path_factory.mktemp("fuzz-model") / "tiny")
 
 
-def run_cli(argv: list[str]) -> tuple[int, str, str, float]:
-    out, err = io.StringIO(), io.StringIO()
+def run_cli(argv: list[str], capfd: pytest.CaptureFixture) -> tuple[int, str, str, float]:
+    """Exit code, stdout, stderr and seconds of ``pathvlm ARGV``; captured at the file-descriptor
+    level, so what libtiff, OpenSlide or glib print themselves counts too."""
+    capfd.readouterr()
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(argv)
-    return rc, out.getvalue(), err.getvalue(), time.perf_counter() - t0
+    rc = cli.main(argv)
+    secs = time.perf_counter() - t0
+    out, err = capfd.readouterr()
+    return rc, out, err, secs
 
 
 def one_problem(path: Path, stderr: str, also: str | None = None) -> str:
@@ -207,10 +209,10 @@ def one_problem(path: Path, stderr: str, also: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------ the tests
-def test_cli_info_and_tile_on_mutated_slides(slide_files, tmp_path):
+def test_cli_info_and_tile_on_mutated_slides(slide_files, tmp_path, capfd):
     answers = {0: 0, 2: 0}
     for path in slide_files:
-        rc, out, err, secs = run_cli(["-q", "info", str(path)])
+        rc, out, err, secs = run_cli(["-q", "info", str(path)], capfd)
         assert rc in (0, 2) and secs < TIME_LIMIT_S, (path.name, rc, secs, err)
         if rc == 2:
             one_problem(path, err)
@@ -218,7 +220,7 @@ def test_cli_info_and_tile_on_mutated_slides(slide_files, tmp_path):
         answers[rc] += 1
         dest = tmp_path / path.name
         rc, out, err, secs = run_cli(["-q", "tile", str(path), "--out", str(dest), "--slide-mpp", "0.5",
-                                      "--mpp", "4", "--size", "32"])
+                                      "--mpp", "4", "--size", "32"], capfd)
         assert rc in (0, 2) and secs < TIME_LIMIT_S, (path.name, rc, secs, err)
         if rc == 2:
             one_problem(path, err)
@@ -227,7 +229,7 @@ def test_cli_info_and_tile_on_mutated_slides(slide_files, tmp_path):
             assert len(list(dest.iterdir())) == 2  # the .h5 grid and its PNG overlay
         answers[rc] += 1
     TRIED["cli slides"] = len(slide_files)
-    print(f"\nfuzz: {len(slide_files)} mutated slide/image files x (info, tile): "
+    SUMMARY.append(f"fuzz: {len(slide_files)} mutated slide/image files x (info, tile): "
           f"{answers[0]} answered, {answers[2]} refused with one line")
     assert answers[2] >= len(slide_files)  # most mutations must be refused, not silently accepted
 
@@ -252,11 +254,11 @@ def test_app_open_on_mutated_slides(slide_files, tiny_run):
             assert status.startswith(f"Could not open {path.name}: ") and session.slides == [], status
             assert str(path.parent) not in status  # no server folder in the message
     TRIED["app slides"] = len(slide_files)
-    print(f"\nfuzz: app opened {opened}, refused {refused} of {len(slide_files)} mutated files")
+    SUMMARY.append(f"fuzz: app opened {opened}, refused {refused} of {len(slide_files)} mutated files")
     assert refused > opened
 
 
-def test_mutated_manifests(ihc_png, tiny_run, tmp_path):
+def test_mutated_manifests(ihc_png, tiny_run, tmp_path, capfd):
     from pathvlm.case import CaseError, load_case
     from pathvlm.model import load_model
     from pathvlm.ui.deploy import DeployConfig
@@ -280,7 +282,7 @@ def test_mutated_manifests(ihc_png, tiny_run, tmp_path):
             library_ok = False
         out = tmp_path / f"{path.name}.report.json"
         rc, stdout, err, secs = run_cli(["-q", "report", str(path), "--type", "lymphoma", "--model",
-                                         str(tiny_run), "--narrative-tokens", "0", "--out", str(out)])
+                                         str(tiny_run), "--narrative-tokens", "0", "--out", str(out)], capfd)
         # a manifest that loads may still list a file that is no slide (/etc/passwd): then the
         # one line names that file
         assert secs < TIME_LIMIT_S and rc in ((0, 2) if library_ok else (2,)), (path.name, rc, err)
@@ -297,11 +299,11 @@ def test_mutated_manifests(ihc_png, tiny_run, tmp_path):
             assert status.startswith(f"Could not open {path.name}: ") and session.slides == [], status
             results["refused"] += 1
     TRIED["manifests"] = len(files)
-    print(f"\nfuzz: {len(files)} manifests: {results['ok']} opened, {results['refused']} refused "
+    SUMMARY.append(f"fuzz: {len(files)} manifests: {results['ok']} opened, {results['refused']} refused "
           "(library, CLI report and app agree on each)")
     assert results["ok"] >= 1 and results["refused"] >= len(files) - 5
 
 
 def test_zz_count():
     """The number of inputs tried (README reliability section)."""
-    print(f"\nfuzz inputs tried: {TRIED} (total {sum(TRIED.values())})")
+    print("\n" + "\n".join(SUMMARY) + f"\nfuzz inputs tried: {TRIED} (total {sum(TRIED.values())})")
