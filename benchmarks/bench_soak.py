@@ -44,6 +44,8 @@ class Tally:
         self.lock = threading.Lock()
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.outcome: dict[str, int] = defaultdict(int)
+        self.by_kind: dict[str, int] = defaultdict(int)
+        self.refusals: dict[str, int] = defaultdict(int)  # message -> count
         self.leaks: list[str] = []
         self.errors: list[str] = []
 
@@ -51,6 +53,7 @@ class Tally:
         with self.lock:
             self.latency[kind].append(secs)
             self.outcome[outcome] += 1
+            self.by_kind[f"{kind} {outcome}"] += 1
             if outcome == "failed":
                 self.errors.append(f"{kind}: {note}"[:300])
 
@@ -95,11 +98,17 @@ def client_loop(i: int, url: str, root: Path, names: list[str], deadline: float,
             msg = str(exc).strip()
             # gradio's refusals (queue full, upload too large) carry a message: refused, not failed
             tally.add(kind, time.perf_counter() - t0, "refused" if msg else "failed", repr(exc))
+            if msg:
+                with tally.lock:
+                    tally.refusals[f"{kind}: {msg}"[:120]] += 1
             return None
         out = out if isinstance(out, tuple) else (out,)
         status = out[-1] if isinstance(out[-1], str) else ""
         refused = status.startswith(("Could not", "Zero-shot failed"))
         tally.add(kind, time.perf_counter() - t0, "refused" if refused else "answered")
+        if refused:
+            with tally.lock:
+                tally.refusals[status[:120]] += 1
         blob = json.dumps([o for o in out if isinstance(o, (str, list, dict))], default=str)
         for other in others:
             if other in blob:
@@ -211,6 +220,7 @@ def main() -> int:
             "rss_end_mib": round(end_rss / 1024),
             "rss_end_vs_1min": round(end_rss / after_1min, 3) if after_1min else None,
             "audit_lines": audit_lines, "server_tracebacks": tracebacks,
+            "outcomes_by_kind": dict(tally.by_kind), "refusals": dict(tally.refusals),
         }
     print(f"model: {described}; {args.clients} clients for {wall:.0f} s; {os.cpu_count()} CPUs visible; "
           f"load average at end {figures['load_avg_1m_at_end']}")
@@ -224,6 +234,8 @@ def main() -> int:
           f"(x{figures['rss_end_vs_1min']})")
     print(f"cross-session leaks: {len(tally.leaks)}; audit log lines: {audit_lines}; "
           f"tracebacks in the server log: {tracebacks}")
+    for message, n in sorted(tally.refusals.items(), key=lambda kv: -kv[1])[:5]:
+        print(f"  refused x{n}: {message}")
     for line in tally.leaks[:5] + tally.errors[:5]:
         print("  " + line)
     if args.json_out:
