@@ -6,9 +6,12 @@ reading at a target resolution) lives here once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +210,26 @@ class Slide:
             "mpp": list(self.mpp) if self.mpp else None,
             "objective_power": self.objective_power,
         }
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null while libtiff (in OpenSlide or Pillow) parses a file:
+    it prints its own complaints there ("TIFFFetchStripThing: IO error ..."), beside the one
+    SlideError we raise. Brief (opening and decoding); other threads' stderr then is lost."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (embedded, closed): nothing to hide
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def resize_exact(img: Image.Image, size: tuple[int, int]) -> Image.Image:

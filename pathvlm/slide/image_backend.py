@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from pathvlm.errors import SlideError
-from pathvlm.slide.base import DEFAULT_MAX_PIXELS, Slide
+from pathvlm.slide.base import DEFAULT_MAX_PIXELS, Slide, quiet_stderr
 
 
 def looks_like_image(path: Path) -> bool:
@@ -17,7 +17,7 @@ def looks_like_image(path: Path) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path):
+            with quiet_stderr(), Image.open(path):
                 return True
     except Image.DecompressionBombError:
         return True  # an image, just a huge one: ImageSlide refuses it with a clear message
@@ -40,7 +40,8 @@ class ImageSlide(Slide):
                     if w * h > max_pixels:
                         raise SlideError(path, _too_big(w, h, max_pixels))
                     fmt = (img.format or "image").lower()
-                    img.load()  # decode now so truncation surfaces at open time
+                    with quiet_stderr():
+                        img.load()  # decode now so truncation surfaces at open time
                     rgb = _to_rgb(img)
         except Image.DecompressionBombError as exc:
             # Pillow refuses far-too-large headers itself (at 2x Image.MAX_IMAGE_PIXELS) before we see the size

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from pathvlm.errors import DependencyError, SlideError
-from pathvlm.slide.base import Slide, parse_mpp
+from pathvlm.slide.base import Slide, parse_mpp, quiet_stderr
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +35,11 @@ def _openslide() -> Any:
     return openslide
 
 
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null while libtiff parses a file: it prints its own
-    complaints there ("TIFFFetchStripThing: IO error ..."), beside the one SlideError we raise.
-    Brief (opening only); other threads' stderr in that window is lost."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable fd 2 (embedded, closed): nothing to hide
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def detect_openslide_format(path: Path) -> str | None:
     """OpenSlide's vendor name for `path`, or None when OpenSlide does not recognise it."""
     openslide = _openslide()
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             return openslide.OpenSlide.detect_format(str(path))
     except openslide.OpenSlideError:
         return None
@@ -79,7 +55,7 @@ class OpenSlideSlide(Slide):
         openslide = _openslide()
         self._openslide_error = openslide.OpenSlideError
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 self._osr = openslide.OpenSlide(str(path))
         except (openslide.OpenSlideError, OSError) as exc:
             raise SlideError(path, f"OpenSlide cannot open this {vendor} file: {exc}") from exc
