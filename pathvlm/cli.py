@@ -248,6 +248,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                    help="options per multiple-choice question (0: 2 to all classes at random)")
     b.add_argument("--case-pattern", default="", help="regex naming the case within a specimen id "
                    "(specimens of one case stay in one split)")
+    b.add_argument("--max-per-class", type=int, default=0,
+                   help="at most N images per class and split (seeded sample; 0 = all)")
     b.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help=f"instruction kinds, comma separated ({','.join(TASKS)})")
     b.add_argument("--chat-per-image", type=int, default=BuildConfig.chat_per_image,
@@ -267,7 +269,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
                       captions_per_image=args.captions_per_image,
                       named_captions=args.named_captions, closed_per_image=args.closed_per_image,
                       mc_options=args.mc_options, chat_per_image=args.chat_per_image,
-                      tasks=tasks, case_pattern=args.case_pattern)
+                      tasks=tasks, case_pattern=args.case_pattern, max_per_class=args.max_per_class)
     summary = build_datasets(args.source, args.out, cfg)
     for split, info in summary["splits"].items():
         print(f"{split:10s} images {info['images']:5d}  pairs {info['pairs']:5d}  instructions {info['instructions']:5d}")

@@ -467,7 +467,7 @@ def _complete_by_record(
     if record is None or not slides or len({p.stem for p in slides}) != len(slides):
         return None
     mpp = cfg.mpp or record.tile_mpp or DEFAULT_TILE_MPP
-    tile_cfg = from_dict(TileConfig, {**cfg.tile, "mpp": mpp, "size": cfg.size or record.input_size},
+    tile_cfg = from_dict(TileConfig, {**cfg.tile, "mpp": mpp, "size": cfg.size or record.tile_size},
                          prefix="tile")
     newest = record.newest_mtime_ns()
     from pathvlm.precision import resolve_precision

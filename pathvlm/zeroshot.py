@@ -371,11 +371,11 @@ class ZeroShotClassifier:
         False embeds each image whole (slide tiles, already cut at the tile scale).
         """
         from pathvlm.embed import pooled_image_embeddings
-        from pathvlm.encoders import input_size
+        from pathvlm.encoders import native_tile_size
 
         show = self.progress if self.progress is not None else len(images) > self.batch_size
         emb = pooled_image_embeddings(
-            images, self.encoder, self.transform, input_size(self.encoder) if tiled else None,
+            images, self.encoder, self.transform, native_tile_size(self.encoder) if tiled else None,
             self.batch_size, self._device(), show, desc, load=_open_image,
         )
         if emb.numel() == 0:

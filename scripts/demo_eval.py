@@ -5,8 +5,9 @@
 Runs `pathvlm eval` on the validation splits of ../shared/data (never the train split, except as
 the linear probe's training data): zero-shot with the robustness variants, linear probe on the
 frozen image embeddings, closed-form VQA with option-order consistency, and lymphoma report
-drafting. Each evaluation writes its JSON into --out; `summary.md` collects the table. Nothing
-here selects or tunes anything.
+drafting; PCam (val whole, a 1,000-a-class train subset for the probes) and the CRC val tiles
+resampled to the published 224 px at 0.5 um/px. Each evaluation writes its JSON into --out;
+`summary.md` collects the table. Nothing here selects or tunes anything.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-SETS = {"lymphoma": ("lymphoma_nia", "lymphoma"), "crc": ("crc_tiles", "crc_tissue")}
+# set -> (folder in DATA, prompt file stem, VQA on it, robustness variants on it)
+SETS = {"lymphoma": ("lymphoma_nia", "lymphoma", True, True), "crc": ("crc_tiles", "crc_tissue", True, True),
+        "pcam": ("pcam", "lymph_node_metastasis", False, False)}
 VARIANTS = {"": [], "_mpp0.75": ["--resize-mpp-factor", "0.75"], "_mpp1.5": ["--resize-mpp-factor", "1.5"],
             "_stain0.05": ["--stain-jitter", "0.05"]}
+PCAM_TRAIN_PER_CLASS = 1000  # linear probe / few-shot training pool (of 5,000 a class): CPU time
+FEW_SHOT_K = (1, 4, 16)
 
 
 def _pathvlm(args: list[str]) -> None:
@@ -40,7 +45,9 @@ def _ci(result: dict, key: str = "balanced_accuracy") -> str:
 def _chat(data: Path, out: Path, model: str) -> list[tuple[str, str, str]]:
     """`pathvlm eval chat` on the val questions `pathvlm data build` writes (and the packaged cases)."""
     val = []
-    for short, (folder, classes) in SETS.items():
+    for short, (folder, classes, vqa, _) in SETS.items():
+        if not vqa:
+            continue
         built = out / "chatdata" / short
         extra = ["--case-pattern", "^(sj-05-6124)"] if short == "lymphoma" else []
         _pathvlm(["data", "build", str(data / folder / "index.csv"), "--classes", classes, "-o", str(built), *extra])
@@ -56,24 +63,83 @@ def _chat(data: Path, out: Path, model: str) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _pcam_index(data: Path, out: Path) -> Path:
+    """PCam's val split whole and a seeded, class-balanced subset of its train split."""
+    import csv
+    import random
+
+    with (data / "pcam" / "index.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    rng = random.Random(0)
+    keep = [r for r in rows if r["split"] == "val"]
+    for label in sorted({r["label"] for r in rows}):
+        pool = [r for r in rows if r["split"] == "train" and r["label"] == label]
+        keep += rng.sample(pool, min(PCAM_TRAIN_PER_CLASS, len(pool)))
+    path = out / "pcam_index.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows([str(data / "pcam" / r["path"]), r["label"], r["split"]] for r in keep)
+    return path
+
+
+def _crc_val_at_half_micron(data: Path, out: Path) -> Path:
+    """The CRC val thumbnails (~1.04 um/px, 108 px) resampled to 224 px, i.e. 0.5 um/px tiles as
+    NCT-CRC-HE publishes them, with an index that says so (mpp column)."""
+    import csv
+
+    from PIL import Image
+
+    folder = out / "crc_val_224"
+    folder.mkdir(exist_ok=True)
+    rows = []
+    with (data / "crc_tiles" / "index.csv").open() as fh:
+        for r in csv.DictReader(fh):
+            if r["split"] != "val":
+                continue
+            target = folder / (Path(r["path"]).stem + ".png")
+            with Image.open(data / "crc_tiles" / r["path"]) as im:
+                im.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC).save(target)
+            rows.append([str(target), r["label"], "val"])
+    path = folder / "index.csv"
+    with path.open("w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "label", "split"], *rows])
+    return path
+
+
 def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
-    for short, (folder, classes) in SETS.items():
-        index = str(data / folder / "index.csv")
+    for short, (folder, classes, vqa, variants) in SETS.items():
+        if not (data / folder / "index.csv").is_file():
+            print(f"{data / folder}: missing, {short} skipped", flush=True)
+            continue
+        index = str(_pcam_index(data, out) if short == "pcam" else data / folder / "index.csv")
         prompts = f"configs/prompts/{classes}.json"
-        for suffix, extra in VARIANTS.items():
+        for suffix, extra in VARIANTS.items() if variants else [("", [])]:
             js = out / f"zs_{short}{suffix}.json"
             _pathvlm(["eval", "zeroshot", "--model", encoder, "--data", index, "--split", "val",
                       "--prompts", prompts, "--json", str(js), *extra])
             r = json.loads(js.read_text())
             rows.append((f"zero-shot {short}{suffix.replace('_', ', ')}", _ci(r), f"{r['accuracy']:.3f}"))
+        if short == "crc":  # the published scale: 224 px at 0.5 um/px, given as such
+            js = out / "zs_crc_224px_mpp0.5.json"
+            _pathvlm(["eval", "zeroshot", "--model", encoder, "--data", str(_crc_val_at_half_micron(data, out)),
+                      "--mpp", "0.5", "--prompts", prompts, "--json", str(js)])
+            r = json.loads(js.read_text())
+            rows.append(("zero-shot crc, val tiles at 224 px 0.5 um/px (--mpp 0.5)", _ci(r), f"{r['accuracy']:.3f}"))
+        probe = ["--model", encoder, "--train", index, "--test", index, "--train-split", "train",
+                 "--test-split", "val"]
         js = out / f"lp_{short}.json"
-        _pathvlm(["eval", "linear-probe", "--model", encoder, "--train", index, "--test", index,
-                  "--train-split", "train", "--test-split", "val", "--json", str(js)])
+        _pathvlm(["eval", "linear-probe", *probe, "--json", str(js)])
         r = json.loads(js.read_text())
         rows.append((f"linear probe {short}", _ci(r), f"{r['accuracy']:.3f}"))
-        if skip_llm:
+        for k in FEW_SHOT_K:
+            js = out / f"fs{k}_{short}.json"
+            _pathvlm(["eval", "few-shot", *probe, "--k", str(k), "--json", str(js)])
+            r = json.loads(js.read_text())
+            rows.append((f"few-shot k={k} {short} (mean of seeds)", _ci(r), f"{r['accuracy']:.3f}"))
+        if skip_llm or not vqa:
             continue
         js = out / f"vqa_{short}.json"
         _pathvlm(["eval", "vqa", "--model", model, "--data", index, "--split", "val",

@@ -57,6 +57,9 @@ class BuildConfig:
     # regex whose first match in the specimen id names the case: specimens of one case share a split
     # (e.g. "^sj-\\d+-\\d+" keeps sj-05-6124-R3 and sj-05-6124-R4 together)
     case_pattern: str = ""
+    # at most this many images per class and split (a seeded sample; 0 = all): a large set such as
+    # PCam's 10,000 patches can feed instruction data at a size CPU training gets through
+    max_per_class: int = 0
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,19 @@ def _instructions(row: IndexRow, info: ClassInfo, classes: ClassSet, cfg: BuildC
     return out
 
 
+def _cap_per_class(rows: list[IndexRow], cap: int, seed: int) -> list[IndexRow]:
+    """A seeded sample of at most ``cap`` rows per (split, label), in the original row order."""
+    rng = random.Random(f"cap-{seed}")
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        groups[(r.split, r.label)].append(i)
+    keep = set()
+    for key in sorted(groups, key=str):
+        idx = groups[key]
+        keep.update(idx if len(idx) <= cap else rng.sample(idx, cap))
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
 def build_datasets(source: str | Path, out_dir: str | Path, cfg: BuildConfig) -> dict[str, Any]:
     """Write ``pairs_<split>.jsonl`` and ``instruct_<split>.jsonl`` into ``out_dir``.
 
@@ -247,6 +263,8 @@ def build_datasets(source: str | Path, out_dir: str | Path, cfg: BuildConfig) ->
         raise ConfigError("data build needs a class description YAML (--classes)")
     classes = load_class_set(cfg.classes)
     rows = assign_splits(read_index(source), cfg.val_fraction, cfg.seed, cfg.case_pattern)
+    if cfg.max_per_class > 0:
+        rows = _cap_per_class(rows, cfg.max_per_class, cfg.seed)
     unknown = sorted({r.label for r in rows} - set(classes.labels))
     if unknown:
         raise ConfigError(f"{cfg.classes}: no description for label(s) {', '.join(unknown)} found in {source}")

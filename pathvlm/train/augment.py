@@ -20,15 +20,18 @@ class TrainTransform:
     """PIL image -> normalised [3, size, size] tensor with crop, flips, 90° turns and stain jitter."""
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], cfg: AugmentConfig,
-                 lab: LabReference | None = None):
+                 lab: LabReference | None = None, tile: int | None = None):
+        # native crops take ``tile`` source pixels (the encoder's tile size; default the input
+        # size) and resize them to the ``size`` px input, as inference resizes its tiles
         self.size, self.cfg, self.lab = size, cfg, lab
+        self.tile = tile or size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def _crop(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
         w, h = image.size
         if self.cfg.crop == "native":  # tile scale: size source pixels, jittered
-            side = self.size * rng.uniform(self.cfg.native_min, self.cfg.native_max)
+            side = self.tile * rng.uniform(self.cfg.native_min, self.cfg.native_max)
         else:  # a share of the whole field
             side = np.sqrt(rng.uniform(self.cfg.scale_min, 1.0) * w * h)
         side = max(1, round(min(w, h, side)))  # square crops: tiles have no preferred aspect

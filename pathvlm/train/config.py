@@ -76,6 +76,10 @@ class ClipDataConfig:
 class ClipModelConfig:
     encoder: str = "openclip:pathvlm-vit-s-minilm"  # any create_encoder name
     lock_image: bool = False
+    # with a timm image trunk and lock_image false: -1 trains the whole trunk; 0 freezes it and
+    # trains only the image projection (LiT); N > 0 trains the last N of timm's layer groups.
+    # Frozen groups keep their BatchNorm statistics (their norms run in eval mode)
+    image_unlocked_groups: int = -1
     lock_text: bool = False
     train_text_proj: bool = False  # with lock_text: still train the text projection (text.proj / text_projection)
     # "macenko" / "reinhard": fit a stain reference on the train images, normalise every image to
