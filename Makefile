@@ -50,6 +50,9 @@ demo-model: setup
 	# the 457 CRC + lymphoma images repeated 8x beside PCam's 10,000 patches, so a batch is not all PCam
 	for i in 1 2 3 4 5 6 7 8; do cat data/crc/pairs_train.jsonl data/lymphoma/pairs_train.jsonl; done \
 		| cat - data/pcam/pairs_train.jsonl > data/demo/pairs_train.jsonl
+	# align and instruct see the 457 images and 300 of the PCam patches (their features are computed once)
+	cat data/crc/pairs_train.jsonl data/lymphoma/pairs_train.jsonl data/pcam_chat/pairs_train.jsonl \
+		> data/demo/pairs_align.jsonl
 	cat data/crc/instruct_train.jsonl data/lymphoma/instruct_train.jsonl data/pcam_chat/instruct_train.jsonl \
 		> data/demo/instruct_train.jsonl
 	rm -rf runs/clip_demo runs/align_demo runs/instruct_demo
