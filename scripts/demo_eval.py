@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 # set -> (folder in DATA, prompt file stem, VQA on it, robustness variants on it)
-SETS = {"lymphoma": ("lymphoma_nia", "lymphoma", True, True), "crc": ("crc_tiles", "crc_tissue", True, True),
+SETS = {"lymphoma": ("lymphoma_nia", "lymphoma", True, False), "crc": ("crc_tiles", "crc_tissue", True, True),
         "pcam": ("pcam", "lymph_node_metastasis", False, False)}
 VARIANTS = {"": [], "_mpp0.75": ["--resize-mpp-factor", "0.75"], "_mpp1.5": ["--resize-mpp-factor", "1.5"],
             "_stain0.05": ["--stain-jitter", "0.05"]}
@@ -29,8 +29,14 @@ PCAM_TRAIN_PER_CLASS = 1000  # linear probe / few-shot training pool (of 5,000 a
 FEW_SHOT_K = (1, 4, 16)
 
 
+RESUME = False  # --resume: an evaluation whose JSON exists is not run again
+
+
 def _pathvlm(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "pathvlm.cli", "-q", *args]
+    if RESUME and "--json" in args and Path(args[args.index("--json") + 1]).is_file():
+        print("$ pathvlm " + " ".join(args) + "  (done earlier, kept)", flush=True)
+        return
     print("$ pathvlm " + " ".join(args), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -172,7 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="demo", help="load_model name or run directory")
     parser.add_argument("--encoder", default="encoder:pathvlm-demo", help="--model for the encoder evals")
     parser.add_argument("--skip-llm", action="store_true", help="only the encoder evaluations")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep evaluations whose JSON is already in --out (a killed run goes on)")
+    parser.add_argument("--only", default="", help="comma-separated sets to evaluate (default: all)")
     args = parser.parse_args(argv)
+    global RESUME
+    RESUME = args.resume
+    if args.only:
+        for short in set(SETS) - set(args.only.split(",")):
+            del SETS[short]
     if not (args.data / "lymphoma_nia" / "index.csv").is_file():
         print(f"{args.data}: no lymphoma_nia/index.csv (set DATA or PATHVLM_DATA)", file=sys.stderr)
         return 2

