@@ -650,19 +650,44 @@ def _add_eval_report(tasks: argparse._SubParsersAction) -> None:
 
     p = tasks.add_parser("report", help="drafted reports vs labels: top entity, fields, abstention")
     p.add_argument("--type", dest="kind", default="lymphoma", choices=list_report_types())
-    p.add_argument("--data", required=True, help="folder with one sub-folder per class, or CSV")
+    p.add_argument("--data", required=True, help="folder with one sub-folder per class, or CSV; "
+                   "or the data root (../shared/data): every image-decided field val can label, "
+                   "measured at the threshold (coverage, selective accuracy, ECE)")
     p.add_argument("--split", help="keep only this split (CSV 'split' column, or DATA/<split>/)")
     p.add_argument("--model", default="demo", help="run directory or registered model name")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write metrics JSON (+ Markdown)")
-    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--limit", type=int, help="only the first N images (per val set)")
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help="threshold to measure at (default: the one in the model's calibration)")
     _add_precision(p)
     p.set_defaults(func=_cmd_eval_report)
 
 
-def _cmd_eval_report(args: argparse.Namespace) -> int:
-    from pathvlm.eval.report_eval import ReportEvalConfig, run_report_eval
+def _cmd_eval_report_fields(args: argparse.Namespace) -> int:
+    from pathvlm.eval.report import write_report
+    from pathvlm.eval.report_fields import markdown_table, run_field_suite
     from pathvlm.model import load_model
 
+    result = run_field_suite(load_model(args.model, precision=args.precision or "auto"), args.data, args.limit, args.min_confidence,
+                             progress=not args.quiet)
+    result["model"] = args.model
+    table = markdown_table(result)
+    print(table, end="")
+    if args.json_out:
+        paths = write_report(result, args.json_out)
+        with paths["markdown"].open("a") as f:
+            f.write("\n" + table)
+        print(f"wrote {paths['json']}\nwrote {paths['markdown']}")
+    return 0
+
+
+def _cmd_eval_report(args: argparse.Namespace) -> int:
+    from pathvlm.eval.report_eval import ReportEvalConfig, run_report_eval
+    from pathvlm.eval.report_fields import is_suite_root
+    from pathvlm.model import load_model
+
+    if is_suite_root(args.data):
+        return _cmd_eval_report_fields(args)
     cfg = ReportEvalConfig(kind=args.kind, split=args.split, limit=args.limit)
     model = load_model(args.model, precision=args.precision or "auto")
     result = run_report_eval(model, args.data, cfg, args.json_out, args.model)

@@ -185,9 +185,18 @@ def test_heatmaps_region_zeroshot_and_case(model, ihc_png, tmp_path):
     assert final[0][-1]["content"] == "The immunostain or special stain is block_b (IHC:CD20)."
     *_, final = h.ask("What is the CD20 result?", "active slide", True, s)  # also with a zoomed region
     assert final[0][-1]["content"] == "CD20 positive (IHC), as entered in the case."
-    _, js, *_, status = h.report("lymphoma", "Excisional biopsy", "cervical lymph node", None, None,
-                                  None, s)
+    _, js, _, _, pick, s, status = h.report("lymphoma", "Excisional biopsy", "cervical lymph node",
+                                            None, None, None, s, 0.5)
     data = json.loads(Path(js).read_text(encoding="utf-8"))
+    assert data["min_confidence"] == 0.5  # the app's control reaches the report
+    # clicking a differential entity shows the tiles it cites, and only those
+    entity = next(c for c in pick["choices"] if c.startswith("differential: "))
+    cited = next(d for d in data["morphologic_differential"]
+                 if d["entity"] == entity.split(": ", 1)[1])["evidence"]
+    gallery = h.field_tiles(entity, s)
+    assert len(gallery) == sum(len(ev["tiles"]) for ev in cited) > 0
+    assert h.field_tiles(None, s) == []
+    assert "between 0 and 1" in h.report("lymphoma", "", "", None, None, None, s, "1.5")[-1]
     assert data["ancillary_results"][0]["target"] == "CD20"
     assert data["fields"]["procedure"]["value"] == "Excisional biopsy"
 

@@ -240,3 +240,28 @@ def test_top_label_isotonic_keeps_ranks_and_never_earns_one_from_few():
     assert ece(mapped.max(1), correct) < ece(probs.max(1), correct)
     xs, ys = fit_top_label_isotonic(np.array([0.6, 0.7, 0.8, 0.9]), np.ones(4))
     assert max(ys) == pytest.approx(5 / 6)  # four right answers: (4 + 1) / (4 + 2)
+
+
+def test_eval_report_suite_matches_the_calibration(model, tmp_path):
+    """`pathvlm eval report --data ROOT` measures each field from drafted reports; on the set it
+    was fitted on it reproduces calibrate's in-sample coverage at the same threshold."""
+    from pathvlm.cli import main
+
+    root = _synthetic_root(tmp_path, np.random.default_rng(3))
+    run = model.save_pretrained(tmp_path / "run")
+    assert main(["-q", "calibrate", "--model", str(run), "--data", str(root)]) == 0
+    cal = load_calibration(run / "calibration.json")
+    out = tmp_path / "eval" / "fields.json"
+    assert main(["-q", "eval", "report", "--model", str(run), "--data", str(root),
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["min_confidence"] == pytest.approx(cal.min_confidence)
+    fields = result["fields"]
+    assert set(fields) == {"lymphoma entity", "colorectal tissue composition",
+                           "carcinoma present", "tumour in a lymph node"}
+    for m in fields.values():
+        ins = cal.heads[m["head"]].metrics["in_sample"]
+        assert m["n"] == ins["n"] and 0.0 <= m["coverage"] <= 1.0
+        assert abs(m["coverage"] - ins["coverage"]) <= 1.0 / m["n"] + 1e-9, m["head"]
+        assert m["cross_fit"] == cal.heads[m["head"]].metrics["cross_fit"]
+    assert "coverage" in out.with_suffix(".md").read_text()

@@ -203,7 +203,7 @@ def fit_calibration(model: Any, data_root: str | Path, heads: list[str] | None =
     meta = {"data_root": str(data_root), "split": "val", "fitted_at":
             datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance(),  # version + commit (pathvlm.provenance)
             "seconds": round(time.perf_counter() - t0, 1), "limit": limit,
-            "model": getattr(model, "run_dir", None) and str(model.run_dir)}
+            "model": getattr(model, "run_dir", None) and Path(model.run_dir).name}
     return Calibration(out, t_global, target, model.encoder.weights_hash, meta)
 
 

@@ -36,7 +36,7 @@ class FindingsConfig:
     """How findings are taken from the model.
 
     Attributes:
-        n_top_tiles: attention tiles kept per slide (only computed when the LLM is used).
+        n_top_tiles: attention tiles kept per slide.
         n_class_tiles: evidence tiles kept per value.
         llm_fields: let the LLM rank the allowed values of fields without a calibrated head
             (they still abstain; the report lists the ranking as uncalibrated). Costs about
@@ -132,8 +132,8 @@ class ReportDrafter:
         found = [slide_findings(s, self.cfg.n_class_tiles)
                  for s in self.scorer.score_slides(slides)]
         chooser = None
-        if slides and (self.cfg.llm_fields or self.cfg.narrative_tokens > 0):
-            with torch.no_grad():  # slide tokens only when the LLM reads them
+        if slides:  # aggregator + projector only (milliseconds); sets the attention the app shows
+            with torch.no_grad():
                 embeds, slots = m.slide_embeddings(slides)
             for out, att in zip(found, m.last_attention):
                 weights = att["attention"].float().mean(0).numpy() if att["attention"].numel() else None

@@ -121,7 +121,13 @@ def _layout(gr: Any, title: str, h: Handlers) -> SimpleNamespace:
                 c.size = gr.Number(label="Tumour / polyp size (cm)", value=None)
                 c.examined = gr.Number(label="Nodes examined", value=None, precision=0)
                 c.positive = gr.Number(label="Nodes positive", value=None, precision=0)
+            c.min_conf = gr.Textbox(value="", label="Minimum confidence to fill a field, 0-1 "
+                                    "(empty: the threshold chosen on val)", elem_id="min-confidence")
             c.report_md = gr.Markdown("_no report yet_", elem_id="report")
+            with gr.Row():
+                c.evidence_pick = gr.Dropdown([], label="Show the tiles a field cites",
+                                              elem_id="evidence-pick")
+                c.evidence = gr.Gallery(label="Evidence tiles", columns=6, height=200)
             with gr.Row():
                 c.dl_json, c.dl_md, c.dl_fhir = (gr.File(label=x, interactive=False)
                                                  for x in ("JSON", "Markdown", "FHIR"))
@@ -214,11 +220,13 @@ def _wire(gr: Any, h: Handlers, c: SimpleNamespace) -> None:
                    [c.probs, c.heat_cls, c.session, c.status], api_name="zeroshot", concurrency_id="model")
     c.add.click(_as_user(gr, h.add_ancillary), [c.test, c.target, c.result, c.session],
                 [c.session, c.anc_table, c.status], api_name="ancillary")
-    form = [c.procedure, c.site, c.size, c.examined, c.positive, c.session]
-    report_out = [c.report_md, c.dl_json, c.dl_md, c.dl_fhir, c.session, c.status]
+    form = [c.procedure, c.site, c.size, c.examined, c.positive, c.session, c.min_conf]
+    report_out = [c.report_md, c.dl_json, c.dl_md, c.dl_fhir, c.evidence_pick, c.session, c.status]
     for kind, btn in zip(rep.REPORT_KINDS, c.kind_btns):
         btn.click(_as_user(gr, functools.partial(h.report, kind)), form, report_out,
                   api_name=f"report_{kind}", concurrency_id="model")
+    c.evidence_pick.input(_as_user(gr, h.field_tiles), [c.evidence_pick, c.session], [c.evidence],
+                          api_name="field_tiles")
 
 
 def parse_auth(entries: list[str] | str | None, auth_file: str | Path | None = None

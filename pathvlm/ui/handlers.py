@@ -363,23 +363,65 @@ class Handlers:
 
     def report(self, kind: str, procedure: str | None, site: str | None, size_cm: float | None,
                nodes_examined: float | None, nodes_positive: float | None, session: Session,
-               user: str | None = None) -> tuple[str, Any, Any, Any, Session, str]:
+               min_confidence: float | str | None = None, user: str | None = None
+               ) -> tuple[str, Any, Any, Any, Any, Session, str]:
+        """Draft over the session's slides; ``min_confidence`` empty: the threshold chosen on val."""
+        import gradio as gr
+
         session = copy.deepcopy(self.own(session, user))
         used = [s.fingerprint for s in session.slides]
         try:
+            threshold = _threshold(min_confidence)
             clinical = rep.clinical_from_form(kind, procedure, site, size_cm, nodes_examined, nodes_positive)
-            report = self.gate.run(lambda: rep.draft_for_session(self.model, session, self.cache, kind,
-                                                                 clinical, self.classifiers))
+            report = self.gate.run(lambda: rep.draft_for_session(
+                self.model, session, self.cache, kind, clinical, self.classifiers,
+                min_confidence=threshold))
         except (PathVLMError, ValidationError) as exc:
             self._audit("report", user, used, False, kind=kind)
-            return "", None, None, None, session, f"Could not draft the report: {problem(exc)}"
+            return ("", None, None, None, gr.update(), session,
+                    f"Could not draft the report: {problem(exc)}")
         self._audit("report", user, used, True, kind=kind)
         from pathvlm.reports import render_report
 
         paths = rep.write_downloads(report, Path(tempfile.mkdtemp(prefix="pathvlm-report-")))
         session.report = report
         return (render_report(report, "md"), str(paths["json"]), str(paths["md"]), str(paths["fhir"]),
-                session, f"Drafted {kind} over {len(session.slides)} slide(s)")
+                gr.update(choices=rep.evidence_choices(report), value=None), session,
+                f"Drafted {kind} over {len(session.slides)} slide(s)")
+
+    def field_tiles(self, choice: str | None, session: Session, user: str | None = None) -> list:
+        """The tiles the picked field, entity or tissue class cites, as gallery crops."""
+        session = self.own(session, user)
+        report = getattr(session, "report", None)
+        if not choice or report is None:
+            return []
+        rows = rep.evidence_rows(report, choice)
+        by_name = {s.name: s for s in session.slides}
+        out = []
+        for name in dict.fromkeys(r["slide"] for r in rows):
+            s = by_name.get(name)
+            prepared = self.cache.get(s.key) if s else None
+            if prepared is None:
+                continue
+            with rep_open(prepared.path) as slide:
+                out += [(im, f"{choice} - {cap.split(' w=')[0]}") for im, cap in viz.tile_crops(
+                    slide, [r for r in rows if r["slide"] == name], prepared.extent)]
+        return out
+
+
+def _threshold(text: float | str | None) -> float | None:
+    """The app's minimum-confidence box: empty = the calibrated default, else a number in [0, 1]."""
+    from pathvlm.errors import ConfigError
+
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"minimum confidence {text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"minimum confidence must be between 0 and 1, got {value}")
+    return value
 
 
 def _normalise_stains(session: Session) -> None:

@@ -63,7 +63,7 @@ def drafter_for(model: Any, cache: dict[str, Any]) -> Any:
 
 
 def draft_for_session(model: Any, session: Any, cache: Any, kind: str, clinical: dict[str, Any],
-                      shared: dict[str, Any]) -> Any:
+                      shared: dict[str, Any], min_confidence: float | None = None) -> Any:
     """Draft a ``kind`` report over all slides of the session's case from their cached features.
 
     Same drafting as ``PathVLM.draft_report``; the case carries stains and ancillary results.
@@ -78,7 +78,37 @@ def draft_for_session(model: Any, session: Any, cache: Any, kind: str, clinical:
         item = copy.copy(prepared.inputs[0])
         item.name, item.stain = s.name, s.stain
         inputs.append(item)
-    return drafter_for(model, shared).draft(inputs, kind, clinical, build_case(session))
+    return drafter_for(model, shared).draft(inputs, kind, clinical, build_case(session),
+                                            min_confidence=min_confidence)
+
+
+def evidence_choices(report: Any) -> list[str]:
+    """What the pathologist can click to see its tiles: filled fields with evidence, the
+    differential entities and the tissue-composition classes."""
+    data = report.to_json_dict()
+    out = [f"field: {name}" for name, e in data["fields"].items() if e.get("evidence")]
+    out += [f"differential: {d['entity']}" for d in data.get("morphologic_differential") or []
+            if d.get("evidence")]
+    comp = data.get("tissue_composition") or {}
+    out += [f"tissue: {c}" for c, ev in (comp.get("evidence") or {}).items() if ev]
+    return out
+
+
+def evidence_rows(report: Any, choice: str) -> list[dict[str, Any]]:
+    """Tiles (slide, level-0 xy) cited for one `evidence_choices` item, for `viz.tile_crops`."""
+    data = report.to_json_dict()
+    what, _, name = (choice or "").partition(": ")
+    if what == "field":
+        evidence = data["fields"].get(name, {}).get("evidence") or []
+    elif what == "differential":
+        evidence = next((d["evidence"] for d in data.get("morphologic_differential") or []
+                         if d["entity"] == name), [])
+    elif what == "tissue":
+        evidence = ((data.get("tissue_composition") or {}).get("evidence") or {}).get(name, [])
+    else:
+        return []
+    return [{"slide": ev["slide"], "xy": tuple(xy), "weight": 1.0 / (rank + 1)}
+            for ev in evidence for rank, xy in enumerate(ev["tiles"])]
 
 
 def write_downloads(report: Any, out_dir: Path) -> dict[str, Path]:
