@@ -171,7 +171,7 @@ def loaded(model, monkeypatch):
     """`--model` resolves to the in-memory tiny model (one CLI test loads from disk for real)."""
     import pathvlm.model
 
-    monkeypatch.setattr(pathvlm.model, "load_model", lambda name: model)
+    monkeypatch.setattr(pathvlm.model, "load_model", lambda name, **kw: model)
     return "tiny"
 
 

@@ -181,7 +181,7 @@ def test_cli_batch_one_load_one_line_per_failure(model, ihc_png, tmp_path, monke
     import pathvlm.model
 
     loads = []
-    monkeypatch.setattr(pathvlm.model, "load_model", lambda name: loads.append(name) or model)
+    monkeypatch.setattr(pathvlm.model, "load_model", lambda name, **kw: loads.append(name) or model)
     second = tmp_path / "second.png"
     shutil.copy(ihc_png, second)
     broken = tmp_path / "broken.png"
@@ -202,7 +202,7 @@ def test_cli_batch_one_load_one_line_per_failure(model, ihc_png, tmp_path, monke
 def test_cli_single_report_json_carries_threshold(model, ihc_png, tmp_path, monkeypatch):
     import pathvlm.model
 
-    monkeypatch.setattr(pathvlm.model, "load_model", lambda name: model)
+    monkeypatch.setattr(pathvlm.model, "load_model", lambda name, **kw: model)
     out = tmp_path / "one.json"
     assert main(["-q", "report", str(ihc_png), "--type", "lymphoma", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
