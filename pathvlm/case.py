@@ -50,6 +50,8 @@ class SlideRef(BaseModel):
     stain: str = "H&E"
     part: str | None = Field(default=None, description="part/block label, e.g. 'A3'")
     role: Literal[ROLES] | None = None  # type: ignore[valid-type]
+    mpp: float | None = Field(default=None, gt=0, description="um/px of a plain image (tile, photo); "
+                              "a resolution the slide file records wins")
 
     @field_validator("stain")
     @classmethod
@@ -66,7 +68,7 @@ class SlideRef(BaseModel):
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "stain": self.stain,
-                "part": self.part, "role": self.role}
+                "part": self.part, "role": self.role, "mpp": self.mpp}
 
 
 class AncillaryResult(BaseModel):

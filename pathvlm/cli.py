@@ -288,6 +288,28 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 DEFAULT_EVAL_MODEL = "demo"
 
 
+def _add_mpp(p: argparse.ArgumentParser, what: str = "plain images") -> None:
+    p.add_argument("--mpp", type=_positive_float, default=None, metavar="UM_PER_PX",
+                   help=f"pixel size of {what} (tiles, photos; also slide files that record none); "
+                   "they are resampled to the model's tile scale. Without it they are assumed to be "
+                   "at that scale, and the output says so")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _print_notes(notes: Sequence[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
 def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("zeroshot", help="zero-shot classify images, slides or feature files")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, slides or .h5 feature files")
@@ -301,6 +323,7 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     _add_precision(p)
+    _add_mpp(p)
     p.set_defaults(func=_cmd_zeroshot)
 
 
@@ -314,12 +337,13 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     clf = ZeroShotClassifier(model.model, classes=args.classes, prompts=args.prompts, transform=model.transform,
                              batch_size=args.batch_size, top_k=args.top_k,
                              progress=False if args.quiet else None)
-    result = clf.predict(args.inputs)
+    result = clf.predict(args.inputs, mpp=args.mpp)
     if args.json:
         print(json.dumps({**model.info(), **result.to_dict()}, indent=2))
     else:
         for name, (label, prob) in zip(result.names, result.top):
             print(f"{name}\t{label}\t{prob:.3f}")
+    _print_notes(result.notes)
     return 0
 
 
@@ -339,6 +363,7 @@ def _eval_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     _add_precision(p)
+    _add_mpp(p, "the images whose CSV row gives none")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -389,6 +414,7 @@ def _print_eval(result: dict) -> None:
     print(f"{'n':26s} {result['n']}")
     for path in result.get("files", {}).values():
         print(f"wrote {path}")
+    _print_notes(result.get("notes", []))
 
 
 def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
@@ -398,7 +424,8 @@ def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     cfg = ZeroShotEvalConfig(
         prompts=args.prompts, classes=[c.strip() for c in (args.classes or "").split(",") if c.strip()],
         all_classes=args.all_classes, split=args.split, batch_size=args.batch_size, n_boot=args.n_boot,
-        seed=args.seed, resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter)
+        seed=args.seed, resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter,
+        mpp=args.mpp)
     model = load_eval_model(args.model, precision=args.precision or "auto")
     _print_eval(run_zeroshot_eval(model, args.data, cfg, args.json_out))
     return 0
@@ -412,7 +439,8 @@ def _cmd_eval_probe(args: argparse.Namespace) -> int:
         train=args.train, test=args.test, train_split=args.train_split, test_split=args.test_split,
         k=getattr(args, "k", None), n_seeds=getattr(args, "n_seeds", 1), c=args.c,
         batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
-        resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter)
+        resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter,
+        mpp=args.mpp)
     model = load_eval_model(args.model, precision=args.precision or "auto")
     _print_eval(run_linear_probe(model, cfg, args.json_out))
     return 0
@@ -424,7 +452,8 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
 
     cfg = VQAConfig(prompts=args.prompts, split=args.split, n_orders=args.n_orders,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
-                    resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter)
+                    resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter,
+                    mpp=args.mpp)
     model = load_eval_model(args.model, precision=args.precision or "auto")
     _print_eval(run_vqa_eval(model.model, args.data, cfg, model.info(), args.json_out))
     return 0
@@ -509,6 +538,7 @@ def _add_ask(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", help="cached .h5 features of INPUT (skips encoding the slide)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     _add_precision(p)
+    _add_mpp(p, "an image INPUT")
     p.set_defaults(func=_cmd_ask)
 
 
@@ -526,9 +556,10 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         bag = load_features(args.features)
         source = SlideInput(bag, Path(args.input).stem, bag.attrs.get("stain"), None, args.features)
     gen = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
-    for piece in model.stream(source, args.question, **gen):
+    for piece in model.stream(source, args.question, mpp=args.mpp, **gen):
         print(piece, end="", flush=True)
     print()
+    _print_notes(model.last_notes)
     return 0
 
 
@@ -555,6 +586,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
                    help="list the LLM's (uncalibrated) ranking for fields no calibrated score "
                    "decides; they still abstain (slower: one LLM pass per field)")
     _add_precision(p)
+    _add_mpp(p, "image INPUTs (a case entry's own mpp wins)")
     p.set_defaults(func=_cmd_report)
 
 
@@ -627,8 +659,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     failed = []
     for item, target in zip(args.inputs, targets):
         try:
-            report = drafter.draft(item, args.kind, clinical, min_confidence=args.min_confidence)
+            report = drafter.draft(item, args.kind, clinical, min_confidence=args.min_confidence,
+                                   mpp=args.mpp)
             text = render_report(report, args.fmt)
+            _print_notes(drafter.model.last_notes)
         except (PathVLMError, OSError, ValueError) as exc:  # one line, the other inputs go on
             msg = str(exc) if item in str(exc) else f"{item}: {exc}"
             print(f"error: {' '.join(msg.split())}", file=sys.stderr)
@@ -660,6 +694,7 @@ def _add_eval_report(tasks: argparse._SubParsersAction) -> None:
     p.add_argument("--min-confidence", type=float, default=None,
                    help="threshold to measure at (default: the one in the model's calibration)")
     _add_precision(p)
+    _add_mpp(p, "the images whose CSV row gives none")
     p.set_defaults(func=_cmd_eval_report)
 
 
@@ -688,7 +723,7 @@ def _cmd_eval_report(args: argparse.Namespace) -> int:
 
     if is_suite_root(args.data):
         return _cmd_eval_report_fields(args)
-    cfg = ReportEvalConfig(kind=args.kind, split=args.split, limit=args.limit)
+    cfg = ReportEvalConfig(kind=args.kind, split=args.split, limit=args.limit, mpp=args.mpp)
     model = load_model(args.model, precision=args.precision or "auto")
     result = run_report_eval(model, args.data, cfg, args.json_out, args.model)
     print(f"{'top_entity_accuracy':32s} {result['top_entity_accuracy']:.3f}")
@@ -698,6 +733,7 @@ def _cmd_eval_report(args: argparse.Namespace) -> int:
     print(f"{'n':32s} {result['n']}")
     for path in result.get("files", {}).values():
         print(f"wrote {path}")
+    _print_notes(result.get("notes", []))
     return 0
 
 

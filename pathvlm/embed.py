@@ -326,24 +326,17 @@ def embed_image(
     target_mpp: float | None = None,
     batch_size: int = 64,
 ) -> FeatureBag:
-    """Encode one plain PIL image as a small bag of tiles.
+    """Encode one plain PIL image as a small bag of tiles (cut by `image_tiles`).
 
-    Choice: the image is cut into ``size`` x ``size`` tiles at its native scale (optionally first
-    resized by ``image_mpp / target_mpp`` when both are known), the last row/column shifted inward
-    so every pixel is covered without padding; an image smaller than one tile is a single tile
-    that the encoder transform resizes. Native scale keeps cell detail that whole-image resizing
-    to 224 px would lose.
+    ``image_mpp``: the image's own um/px; ``target_mpp``: the scale tiles are cut at (the
+    model's ``tile_mpp``). With both, tiles are resampled to the target scale; without
+    ``image_mpp`` the image is taken to be at the target scale already, and the bag's attrs say
+    so (``mpp_assumed``). Coords are (x, y) in the image's own pixels.
     """
     from pathvlm import __version__
 
     image = image.convert("RGB")
-    if image_mpp and target_mpp:
-        scale = image_mpp / target_mpp
-        image = image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        )
-
-    tiles, coords = image_tiles(image, size)
+    tiles, coords = image_tiles(image, size, image_mpp, target_mpp)
     with torch.inference_mode():
         batches = [
             torch.stack([transform(t) for t in tiles[i : i + batch_size]])
@@ -359,9 +352,20 @@ def embed_image(
         "feature_dim": int(encoder.embed_dim),
         "patch_size": size,
         "mpp": float(target_mpp or image_mpp or 0.0),
+        "image_mpp": float(image_mpp or target_mpp or 0.0),  # the pixel size used (or assumed)
+        "mpp_assumed": image_mpp is None,
         "pathvlm_version": __version__,
     }
     return FeatureBag(feats, torch.tensor(coords, dtype=torch.int64).reshape(-1, 2), attrs)
+
+
+def assumed_scale_note(names: Sequence[str], tile_mpp: float | None,
+                       how: str = "--mpp / mpp=") -> str:
+    """The line every output shows when plain images came without a pixel size; ``how`` says
+    where to give one."""
+    scale = f"{tile_mpp:g} um/px (the encoder's tile scale)" if tile_mpp else "native pixels"
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"pixel size unknown for {shown}: assumed {scale}; give its own ({how}) if it differs"
 
 
 def _tile_origins(length: int, size: int) -> list[int]:
@@ -371,16 +375,42 @@ def _tile_origins(length: int, size: int) -> list[int]:
     return pos if pos[-1] == length - size else [*pos, length - size]
 
 
-def image_tiles(image: Any, size: int) -> tuple[list[Any], list[tuple[int, int]]]:
-    """A PIL image cut into ``size`` x ``size`` tiles at its native scale, and their (x, y).
+def image_tiles(
+    image: Any, size: int, mpp: float | None = None, target_mpp: float | None = None
+) -> tuple[list[Any], list[tuple[int, int]]]:
+    """A PIL image cut into ``size`` x ``size`` tiles at ``target_mpp``, and their (x, y) in the
+    image's own pixels.
 
-    The last row/column is shifted inward so every pixel is covered without padding; an image
-    no larger than one tile is one tile (the encoder transform resizes it). Every path that
-    turns a plain image into tiles (chat, zero-shot, evaluation) cuts it here, the same way.
+    Every path that turns a plain image into tiles (chat, zero-shot, evaluation, reports) cuts it
+    here, the same way. With the image's pixel size ``mpp`` and the encoder's ``target_mpp``,
+    each tile covers ``size * target_mpp / mpp`` image pixels and is read through the slide
+    backend (`ImageSlide.read_at_mpp`), resampled as whole-slide tiles are; without them the
+    image is taken to be at the target scale (native pixels). The last row/column is shifted
+    inward so every pixel is covered without padding; an image no larger than one tile is one
+    tile, clipped, that the encoder transform resizes.
     """
-    coords = [(x, y) for y in _tile_origins(image.height, size) for x in _tile_origins(image.width, size)]
-    # clipped at the border so a thin image is not padded with black
-    tiles = [image.crop((x, y, min(x + size, image.width), min(y + size, image.height))) for x, y in coords]
+    if not mpp or not target_mpp or abs(mpp / target_mpp - 1) < 1e-6:
+        span = size
+    else:
+        span = max(1, round(size * target_mpp / mpp))  # image pixels per tile
+    coords = [(x, y) for y in _tile_origins(image.height, span) for x in _tile_origins(image.width, span)]
+    if span == size:
+        # clipped at the border so a thin image is not padded with black
+        tiles = [image.crop((x, y, min(x + size, image.width), min(y + size, image.height)))
+                 for x, y in coords]
+        return tiles, coords
+    from pathvlm.slide.base import resize_exact
+    from pathvlm.slide.image_backend import ImageSlide
+
+    slide = ImageSlide.from_image(image, mpp)
+    tiles = []
+    for x, y in coords:
+        w, h = min(span, image.width - x), min(span, image.height - y)
+        if (w, h) == (span, span):
+            tiles.append(slide.read_at_mpp((x, y), (size, size), target_mpp))
+        else:  # a clipped tile: the same scale, fewer pixels
+            out = (max(1, round(w * mpp / target_mpp)), max(1, round(h * mpp / target_mpp)))
+            tiles.append(resize_exact(slide.read_region((x, y), 0, (w, h)), out))
     return tiles, coords
 
 
@@ -394,14 +424,18 @@ def pooled_image_embeddings(
     progress: bool = False,
     desc: str = "embedding",
     load: Any = None,
+    mpp: float | Sequence[float | None] | None = None,
+    target_mpp: float | None = None,
 ) -> torch.Tensor:
-    """[N, D] L2-normalised image embeddings: the mean of each image's native-scale tile embeddings.
+    """[N, D] L2-normalised image embeddings: the mean of each image's tile embeddings.
 
     ``images[i]`` is a PIL image, or what ``load`` turns into one. An image larger than one
     ``size`` tile is cut by `image_tiles` (the cells keep the scale the encoder was trained at, as
     in chat) instead of being shrunk to one input; its unit tile embeddings are averaged and
-    re-normalised. ``size=None`` embeds each image whole (slide tiles, already cut). Tiles of many
-    images share batches.
+    re-normalised. ``mpp`` (one value, or one per image; None = unknown) is the images' own
+    pixel size, resampled to ``target_mpp`` (the encoder's tile scale) when both are known.
+    ``size=None`` embeds each image whole (slide tiles, already cut). Tiles of many images share
+    batches.
     """
     from tqdm.auto import tqdm
 
@@ -420,9 +454,18 @@ def pooled_image_embeddings(
             sums[owner] += e
         pending.clear()
 
+    per_image = list(mpp) if isinstance(mpp, Sequence) else [mpp] * len(images)
+    if len(per_image) != len(images):
+        raise ValueError(f"{len(per_image)} mpp values for {len(images)} images")
+    if target_mpp is None and any(m is not None for m in per_image):
+        raise ConfigError(
+            f"encoder {getattr(encoder, 'name', '?')} records no tile scale (tile_mpp), so images "
+            "given with a pixel size cannot be resampled; use a model, or an encoder saved with "
+            "tile_mpp"
+        )
     for i in tqdm(range(len(images)), desc=desc, disable=not progress):
         image = load(images[i]).convert("RGB")
-        tiles = [image] if size is None else image_tiles(image, size)[0]
+        tiles = [image] if size is None else image_tiles(image, size, per_image[i], target_mpp)[0]
         pending += [(i, t) for t in tiles]
         if len(pending) >= batch_size:
             flush()

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pathvlm.embed import assumed_scale_note
 from pathvlm.errors import ConfigError, ModelError, PathVLMError, SlideError
 from pathvlm.resources import resolve_resource
 
@@ -150,6 +151,16 @@ def _resolve_encoder(model: Any) -> tuple[Any, Callable | None, float]:
     return encoder, transform, scale
 
 
+def tile_scale(model: Any) -> float | None:
+    """The um/px a model's encoder sees tiles at: a PathVLM's ``cfg.tile_mpp``, else what the
+    encoder records (``PatchEncoder.tile_mpp``), else None."""
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "tile_mpp", None):
+        return float(cfg.tile_mpp)
+    encoder = getattr(model, "encoder", None) or model
+    return float(encoder.tile_mpp) if getattr(encoder, "tile_mpp", None) else None
+
+
 def encode_prompt_set(encoder: Any, prompt_set: PromptSet) -> torch.Tensor:
     """[C, D] class embeddings: mean of L2-normalised prompt embeddings, re-normalised. Cached."""
     key = (
@@ -245,6 +256,15 @@ class ZeroShotResult:
     logits: np.ndarray  # [N, C]
     slides: dict[str, SlideZeroShot] = field(default_factory=dict)
     prompts: dict[str, Any] = field(default_factory=dict)
+    # plain images by name -> {"mpp": pixel size used, "assumed": True when none was given}
+    scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tile_mpp: float | None = None  # the scale plain images were resampled to
+
+    @property
+    def notes(self) -> list[str]:
+        """What the caller should be told: the scale assumed for images without a pixel size."""
+        assumed = [Path(n).name for n, s in self.scales.items() if s["assumed"]]
+        return [assumed_scale_note(assumed, self.tile_mpp)] if assumed else []
 
     @property
     def probs(self) -> np.ndarray:
@@ -278,11 +298,15 @@ class ZeroShotResult:
         return {
             "classes": self.classes,
             "prompts": self.prompts,
+            "tile_mpp": self.tile_mpp,
+            "notes": self.notes,
             "predictions": [
                 {
                     "input": n,
                     "label": lab,
                     "probs": {c: round(float(p), 6) for c, p in zip(self.classes, row)},
+                    **({"mpp": self.scales[n]["mpp"], "mpp_assumed": self.scales[n]["assumed"]}
+                       if n in self.scales else {}),
                 }
                 for n, lab, row in zip(self.names, self.labels, probs)
             ],
@@ -302,6 +326,7 @@ class ZeroShotClassifier:
         batch_size: images per forward pass.
         top_k: tiles pooled per class for slide predictions.
         progress: show a progress bar (None: only on runs of more than one batch).
+        tile_mpp: the um/px images and slides are cut at; None: the model's (`tile_scale`).
     """
 
     def __init__(
@@ -314,8 +339,10 @@ class ZeroShotClassifier:
         batch_size: int = 64,
         top_k: int = 10,
         progress: bool | None = None,
+        tile_mpp: float | None = None,
     ):
         self.encoder, own_transform, self.logit_scale = _resolve_encoder(model)
+        self.tile_mpp = tile_mpp or tile_scale(model)
         if isinstance(prompts, PromptSet):
             self.prompt_set = prompts
         elif prompts is not None:
@@ -362,13 +389,16 @@ class ZeroShotClassifier:
         return (self.logit_scale * emb @ self.class_embeddings.T).numpy().astype(np.float64)
 
     def embed_images(
-        self, images: Sequence[Any], desc: str = "zero-shot", tiled: bool = True
+        self, images: Sequence[Any], desc: str = "zero-shot", tiled: bool = True,
+        mpp: float | Sequence[float | None] | None = None,
     ) -> torch.Tensor:
         """PIL images or paths -> [N, D] unit image embeddings, batched.
 
-        ``tiled``: an image larger than the encoder's input is cut into native-scale tiles whose
-        embeddings are averaged (`pathvlm.embed.pooled_image_embeddings`), as chat sees images;
-        False embeds each image whole (slide tiles, already cut at the tile scale).
+        ``tiled``: an image larger than the encoder's input is cut into tiles at the tile scale
+        whose embeddings are averaged (`pathvlm.embed.pooled_image_embeddings`), as chat sees
+        images; False embeds each image whole (slide tiles, already cut at the tile scale).
+        ``mpp``: the images' own um/px (one value or one per image; None: unknown, taken to be
+        the tile scale); they are resampled to ``tile_mpp``.
         """
         from pathvlm.embed import pooled_image_embeddings
         from pathvlm.encoders import native_tile_size
@@ -376,31 +406,43 @@ class ZeroShotClassifier:
         show = self.progress if self.progress is not None else len(images) > self.batch_size
         emb = pooled_image_embeddings(
             images, self.encoder, self.transform, native_tile_size(self.encoder) if tiled else None,
-            self.batch_size, self._device(), show, desc, load=_open_image,
+            self.batch_size, self._device(), show, desc, load=_open_image, mpp=mpp,
+            target_mpp=self.tile_mpp,
         )
         if emb.numel() == 0:
             return torch.zeros(0, int(self.class_embeddings.shape[1]))
         return emb  # [N, D]
 
-    def predict(self, inputs: Any) -> ZeroShotResult:
-        """Score PIL images, image paths, folders, Slides and feature files; one row per input."""
+    def predict(self, inputs: Any, mpp: float | None = None) -> ZeroShotResult:
+        """Score PIL images, image paths, folders, Slides and feature files; one row per input.
+
+        ``mpp``: um/px of the plain images (and of slide files that record none); images are
+        resampled from it to the tile scale. Without it they are taken to be at the tile scale,
+        and the result's ``notes`` say so.
+        """
+        if mpp is not None and not mpp > 0:
+            raise ConfigError(f"mpp must be a positive number, got {mpp}")
         items = expand_inputs(inputs)
         names, rows, slides = [], [None] * len(items), {}
         image_idx = [i for i, (_, kind, _) in enumerate(items) if kind == "image"]
         if image_idx:
-            emb = self.embed_images([items[i][2] for i in image_idx])
+            emb = self.embed_images([items[i][2] for i in image_idx], mpp=mpp)
             for i, row in zip(image_idx, self.logits_from_embeddings(emb)):
                 rows[i] = row
         for i, (name, kind, obj) in enumerate(items):
             if kind != "image":
                 slide = (
-                    self.predict_features(obj) if kind == "features" else self.predict_slide(obj)
+                    self.predict_features(obj) if kind == "features"
+                    else self.predict_slide(obj, mpp=mpp)
                 )
                 slides[name] = slide
                 rows[i] = slide.logits
             names.append(name)
         logits = np.stack(rows) if rows else np.zeros((0, len(self.classes)))
-        return ZeroShotResult(self.classes, names, logits, slides, self.prompt_set.to_dict())
+        scales = {items[i][0]: {"mpp": mpp or self.tile_mpp, "assumed": mpp is None}
+                  for i in image_idx}
+        return ZeroShotResult(self.classes, names, logits, slides, self.prompt_set.to_dict(),
+                              scales, self.tile_mpp)
 
     def predict_features(self, source: Any) -> SlideZeroShot:
         """A feature file (or FeatureBag) -> per-tile logits and a top-k pooled slide prediction."""
@@ -445,14 +487,23 @@ class ZeroShotClassifier:
         )
 
     def predict_slide(
-        self, slide: Any, tile_config: Any = None, tissue_config: Any = None
+        self, slide: Any, tile_config: Any = None, tissue_config: Any = None,
+        mpp: float | None = None,
     ) -> SlideZeroShot:
-        """A Slide or slide path -> tiles, per-tile logits and the top-k pooled prediction."""
+        """A Slide or slide path -> tiles, per-tile logits and the top-k pooled prediction.
+
+        Tiles are cut at the tile scale and the encoder's input size unless ``tile_config``
+        says otherwise; ``mpp`` is the resolution of a slide file that records none.
+        """
+        from pathvlm.encoders import input_size
         from pathvlm.slide import TileConfig, TissueConfig, open_slide, read_tile, tile_slide
 
         if isinstance(slide, (str, Path)):
-            slide = open_slide(slide)
-        grid = tile_slide(slide, tile_config or TileConfig(), tissue_config or TissueConfig())
+            slide = open_slide(slide, mpp=mpp)
+        if tile_config is None:
+            tile_config = (TileConfig(mpp=self.tile_mpp, size=input_size(self.encoder))
+                           if self.tile_mpp else TileConfig())
+        grid = tile_slide(slide, tile_config, tissue_config or TissueConfig())
         n = len(grid.coords)
         if n == 0:
             raise SlideError(slide.path, "no tissue tiles found for zero-shot classification")

@@ -88,13 +88,13 @@ def _input_key(source: Any) -> tuple | None:
     """A key that changes when the files change: paths with size and mtime (None: do not cache)."""
     from pathvlm.case import Case
 
-    refs = [(r.path, r.stain, r.part) for r in source.slides] if isinstance(source, Case) else \
-        [(source, None, None)] if isinstance(source, (str, Path)) else None
+    refs = [(r.path, r.stain, r.part, r.mpp) for r in source.slides] if isinstance(source, Case) else \
+        [(source, None, None, None)] if isinstance(source, (str, Path)) else None
     if not refs:
         return None
     try:
-        return tuple((str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns, stain, part)
-                     for p, stain, part in refs)
+        return tuple((str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns, stain, part, mpp)
+                     for p, stain, part, mpp in refs)
     except OSError:
         return None
 
@@ -127,11 +127,12 @@ class ChatAssistant:
 
     # -- scores -----------------------------------------------------------------------------
     def scores(self, input: Any, case: Any = None, question: str = "",
-               history: list[dict[str, str]] | None = None) -> tuple[str, list[tuple[str, float]]]:
+               history: list[dict[str, str]] | None = None,
+               mpp: float | None = None) -> tuple[str, list[tuple[str, float]]]:
         """(domain, ranked (name, probability)): the lymphoma report's morphologic differential
         for the same input and case, or the colorectal tissue head of `pathvlm.scoring`. Empty
         when the model cannot score images (no text tower)."""
-        from pathvlm.model.inputs import resolve_inputs
+        from pathvlm.model.inputs import resolve_inputs, scale_notes
         from pathvlm.scoring import get_scorer
         from pathvlm.slide import TileConfig
 
@@ -142,15 +143,18 @@ class ChatAssistant:
         # the app passes its already encoded slides with the case: score those, not the paths
         source = real if real is not None and not isinstance(input, (list, tuple)) else input
         key = _input_key(source)
+        key = key and (key, mpp)
         slides = self._resolved.get(key) if key else None
-        if slides is None:
-            slides = resolve_inputs(source, m.encoder, m.transform, TileConfig(mpp=m.cfg.tile_mpp, size=m.cfg.tile_size))
+        if slides is None:  # mpp: a plain image's own pixel size
+            slides = resolve_inputs(source, m.encoder, m.transform, TileConfig(mpp=m.cfg.tile_mpp, size=m.cfg.tile_size),
+                                    mpp)
             if key:  # follow-ups on the same slides do not encode them again
                 self._resolved = {key: slides}
         import torch
 
         with torch.no_grad():  # the app shows the tiles an answer drew on: this input's attention
             m.slide_embeddings(slides)
+        m.last_notes = scale_notes(slides)
         scored: list[Any] = []
         # a follow-up stays in the domain of the conversation it follows
         said = " ".join([question, *(t.get("content", "") for t in history or ())])
@@ -246,7 +250,7 @@ class ChatAssistant:
         return dlg.why_not_answer(self._name(key, domain), self._name(top, domain), self._features(key), tests)
 
     def reply(self, input: Any, question: str, history: list[dict[str, str]] | None = None,
-              case: Any = None) -> Reply:
+              case: Any = None, mpp: float | None = None) -> Reply:
         """Route `question` and answer it where the case, the rules or the scores decide."""
         facts = case_facts(input, case)
         route = route_question(question, history, [s.name for s in facts.slides])
@@ -257,7 +261,7 @@ class ChatAssistant:
             return Reply(route, dlg.refusal(route.detail or "clinical"))
         if route.kind not in ("classify", "next_steps", "followup"):
             return Reply(route)
-        domain, ranked = self.scores(input, case, question, history)
+        domain, ranked = self.scores(input, case, question, history, mpp)
         if not ranked:  # no text tower: the LLM answers on its own
             return Reply(route, domain=domain)
         reply = Reply(route, domain=domain, differential=ranked)

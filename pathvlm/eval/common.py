@@ -144,18 +144,21 @@ def embed_dataset(
     images: ImageSequence,
     batch_size: int = 64,
     progress: bool | None = None,
+    mpp: list[float | None] | None = None,
+    target_mpp: float | None = None,
 ) -> np.ndarray:
-    """[N, D] unit image embeddings of every image (native-scale tiles averaged, as in chat)."""
+    """[N, D] unit image embeddings of every image (tiles at the tile scale averaged, as in chat);
+    ``mpp``: each image's um/px (None: taken to be ``target_mpp``)."""
     from pathvlm.embed import pooled_image_embeddings
     from pathvlm.encoders import build_transform, native_tile_size
 
     transform = transform or getattr(encoder, "transform", None) or build_transform(encoder)
     show = progress if progress is not None else len(images) > batch_size
-    cache = _embedding_cache_path(encoder, images)
+    cache = _embedding_cache_path(encoder, images, mpp, target_mpp)
     if cache is not None and cache.is_file():
         return np.load(cache, allow_pickle=False)
     emb = pooled_image_embeddings(images, encoder, transform, native_tile_size(encoder), batch_size,
-                                  progress=show)
+                                  progress=show, mpp=mpp, target_mpp=target_mpp)
     out = emb.numpy() if emb.numel() else np.zeros((0, 0), dtype=np.float32)
     if cache is not None:  # written whole under a temporary name: never a partial file
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +168,8 @@ def embed_dataset(
     return out
 
 
-def _embedding_cache_path(encoder: Any, images: ImageSequence):
+def _embedding_cache_path(encoder: Any, images: ImageSequence, mpp: list[float | None] | None = None,
+                          target_mpp: float | None = None):
     """Where the embeddings of these files under this encoder are kept between evaluations
     (linear probe, few-shot k = 1, 4, 16 and their seeds embed the same images), or None when the
     encoder has no recorded weights hash or an item is not a file. The key covers the weights, the
@@ -189,5 +193,22 @@ def _embedding_cache_path(encoder: Any, images: ImageSequence):
         st = Path(item).stat()
         files.append([str(Path(item).resolve()), st.st_size, st.st_mtime_ns])
     pert = images.perturbation.describe() if images.perturbation is not None and images.perturbation.active else None
-    key = json.dumps([weights, native_tile_size(encoder), getattr(encoder, "tile_mpp", None), pert, files])
+    key = json.dumps([weights, native_tile_size(encoder), getattr(encoder, "tile_mpp", None), pert, files,
+                      mpp, target_mpp])  # images' own pixel sizes and the scale they were cut at
     return cache_root() / "embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
+
+
+def scale_summary(paths: list, mpps: list[float | None], tile_mpp: float | None) -> dict[str, Any]:
+    """What an eval report says about image scale: the tile scale images were resampled to, how
+    many came with a pixel size, and a note naming those whose scale was assumed."""
+    from pathlib import Path
+
+    from pathvlm.embed import assumed_scale_note
+
+    assumed = [Path(p).name for p, m in zip(paths, mpps) if m is None]
+    given = sorted({m for m in mpps if m is not None})
+    return {
+        "scale": {"tile_mpp": tile_mpp, "images_with_mpp": len(mpps) - len(assumed),
+                  "images_assumed": len(assumed), "mpp_values": given},
+        "notes": [assumed_scale_note(assumed, tile_mpp)] if assumed else [],
+    }

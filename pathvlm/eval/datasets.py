@@ -1,7 +1,8 @@
 """Labelled image sets for evaluation: a folder with one sub-folder per class, or a CSV.
 
-CSV columns: ``path,label[,specimen][,split]``; relative paths are resolved against the CSV's
-folder. The specimen column groups images for specimen-level bootstrap resampling.
+CSV columns: ``path,label[,specimen][,split][,mpp]``; relative paths are resolved against the
+CSV's folder. The specimen column groups images for specimen-level bootstrap resampling; ``mpp``
+is an image's own um/px (empty: not known), which wins over ``--mpp``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class LabeledDataset:
     specimens: list[str] | None = None
     source: str = ""
     meta: dict = field(default_factory=dict)
+    mpps: list[float | None] | None = None  # per-image um/px from a CSV 'mpp' column
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -39,7 +41,13 @@ class LabeledDataset:
             [self.specimens[i] for i in idx] if self.specimens else None,
             self.source,
             dict(self.meta),
+            [self.mpps[i] for i in idx] if self.mpps else None,
         )
+
+    def image_mpps(self, default: float | None = None) -> list[float | None]:
+        """Each image's um/px: its own CSV value, else ``default`` (``--mpp``), else None."""
+        own = self.mpps or [None] * len(self.paths)
+        return [m if m is not None else default for m in own]
 
 
 def load_image_folder(root: str | Path) -> LabeledDataset:
@@ -74,7 +82,7 @@ def load_csv(path: str | Path, split: str | None = None) -> LabeledDataset:
         rows = [r for r in rows if r["split"] == split]
         if not rows:
             raise ConfigError(f"{path}: no rows with split == {split!r}")
-    paths, labels, specimens = [], [], []
+    paths, labels, specimens, mpps = [], [], [], []
     for n, row in enumerate(rows, start=2):
         p = Path(row["path"])
         p = p if p.is_absolute() else path.parent / p
@@ -85,6 +93,7 @@ def load_csv(path: str | Path, split: str | None = None) -> LabeledDataset:
         paths.append(p)
         labels.append(row["label"].strip())
         specimens.append((row.get("specimen") or "").strip())
+        mpps.append(_row_mpp(path, n, row.get("mpp")))
     has_specimen = "specimen" in rows[0] and all(specimens)
     return LabeledDataset(
         paths,
@@ -92,7 +101,20 @@ def load_csv(path: str | Path, split: str | None = None) -> LabeledDataset:
         specimens if has_specimen else None,
         str(path),
         {"split": split} if split else {},
+        mpps if any(m is not None for m in mpps) else None,
     )
+
+
+def _row_mpp(path: Path, line: int, text: str | None) -> float | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{path}: line {line}: mpp must be a positive number of um/px, got {text!r}")
+    return value
 
 
 def load_dataset(source: str | Path, split: str | None = None) -> LabeledDataset:

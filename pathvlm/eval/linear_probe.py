@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from pathvlm.errors import ConfigError
-from pathvlm.eval.common import EvalModel, ImageSequence, Perturbation, embed_dataset
+from pathvlm.eval.common import EvalModel, ImageSequence, Perturbation, embed_dataset, scale_summary
 from pathvlm.eval.datasets import LabeledDataset, load_dataset
 from pathvlm.eval.metrics import classification_metrics, metric_cis, save_confusion_png
 from pathvlm.eval.report import output_paths, write_report
+from pathvlm.zeroshot import tile_scale
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class LinearProbeConfig:
     seed: int = 0
     resize_mpp_factor: float = 1.0  # applied to test images only
     stain_jitter: float = 0.0
+    mpp: float | None = None  # um/px of images without their own (CSV 'mpp' column wins)
 
 
 def fit_predict(
@@ -72,7 +74,8 @@ def _embed(
     model: EvalModel, data: LabeledDataset, cfg: LinearProbeConfig, perturb: Perturbation | None
 ):
     x = embed_dataset(
-        model.encoder, model.transform, ImageSequence(data.paths, perturb), cfg.batch_size
+        model.encoder, model.transform, ImageSequence(data.paths, perturb), cfg.batch_size,
+        mpp=data.image_mpps(cfg.mpp), target_mpp=tile_scale(model.model),
     )
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -156,6 +159,9 @@ def run_linear_probe(
             "split": {"train": cfg.train_split, "test": cfg.test_split},
             "prompts": None,
             "perturbation": perturb.describe() if perturb.active else None,
+            **scale_summary(train.paths + test.paths,
+                            train.image_mpps(cfg.mpp) + test.image_mpps(cfg.mpp),
+                            tile_scale(model.model)),
         }
     )
     if json_path is not None:

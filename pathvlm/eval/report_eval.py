@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pathvlm.eval.datasets import load_dataset
+from pathvlm.eval.common import scale_summary
 from pathvlm.eval.report import write_report
 from pathvlm.reports.fields import Assess
 from pathvlm.reports.schemas import get_report_type
@@ -26,6 +27,7 @@ class ReportEvalConfig:
     kind: str = "lymphoma"
     split: str | None = None
     limit: int | None = None
+    mpp: float | None = None  # um/px of images without their own (CSV 'mpp' column wins)
 
 
 def _truth_columns(source: str | Path, split: str | None, names: set[str]) -> list[dict]:
@@ -50,6 +52,7 @@ def run_report_eval(model: Any, data: str | Path, cfg: ReportEvalConfig,
         json_out: write JSON + Markdown here.
     """
     from pathvlm.reports.from_model import FindingsConfig, ReportDrafter
+    from pathvlm.zeroshot import tile_scale
 
     rtype = get_report_type(cfg.kind)
     ds = load_dataset(data, cfg.split)
@@ -58,10 +61,11 @@ def run_report_eval(model: Any, data: str | Path, cfg: ReportEvalConfig,
     truths = _truth_columns(data, cfg.split, he_fields)
     n = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
     drafter = ReportDrafter(model, FindingsConfig(narrative_tokens=0))
+    mpps = ds.image_mpps(cfg.mpp)[:n]
     top_hits, anc_wrong, anc_total, predictions = 0, 0, 0, []
     field_hits: dict[str, list[int]] = {}
     for i in range(n):
-        report = drafter.draft(ds.paths[i], cfg.kind)
+        report = drafter.draft(ds.paths[i], cfg.kind, mpp=mpps[i])
         diff = report.morphologic_differential if hasattr(report, "morphologic_differential") else []
         top = diff[0].entity if diff else None
         truth = ENTITY_ALIASES.get(ds.labels[i], ds.labels[i])
@@ -76,6 +80,7 @@ def run_report_eval(model: Any, data: str | Path, cfg: ReportEvalConfig,
                             "top_probability": diff[0].probability if diff else None})
     result = {
         "task": f"report {cfg.kind}", "model": model_name, "data": str(data), "n": n,
+        **scale_summary(ds.paths[:n], mpps, tile_scale(model)),
         "top_entity_accuracy": top_hits / n if n else float("nan"),
         "field_accuracy": {k: sum(v) / len(v) for k, v in field_hits.items()},
         "ancillary_wrongly_filled_share": anc_wrong / anc_total if anc_total else 0.0,

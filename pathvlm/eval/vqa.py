@@ -25,17 +25,17 @@ from pathvlm.data.questions import (
     yesno_question,
 )
 from pathvlm.errors import ConfigError
-from pathvlm.eval.common import ImageSequence, Perturbation
+from pathvlm.eval.common import ImageSequence, Perturbation, scale_summary
 from pathvlm.eval.datasets import load_dataset, match_classes
 from pathvlm.eval.report import write_report
 from pathvlm.resources import resolve_resource
-from pathvlm.zeroshot import make_prompt_set
+from pathvlm.zeroshot import make_prompt_set, tile_scale
 
 log = logging.getLogger(__name__)
 
 
 class ChatModel(Protocol):
-    def ask(self, image: Any, question: str, **gen: Any) -> str: ...
+    def ask(self, image: Any, question: str, mpp: float | None = None, **gen: Any) -> str: ...
 
 
 @dataclass
@@ -50,6 +50,7 @@ class VQAConfig:
     limit: int | None = None  # first N images only (quick runs)
     resize_mpp_factor: float = 1.0
     stain_jitter: float = 0.0
+    mpp: float | None = None  # um/px of images without their own (CSV 'mpp' column wins)
     decoding: dict[str, Any] = field(default_factory=dict)  # extra generation kwargs
 
 
@@ -83,6 +84,7 @@ def run_vqa_eval(
     images = ImageSequence(
         data.paths, Perturbation(cfg.resize_mpp_factor, cfg.stain_jitter, cfg.seed)
     )
+    mpps = data.image_mpps(cfg.mpp)
     records, mc_correct, yn_correct, consistent, letters = [], [], [], [], []
     n_orders = max(1, min(cfg.n_orders, len(labels)))
     for i, label in enumerate(data.labels):
@@ -91,7 +93,7 @@ def run_vqa_eval(
         for shift in range(n_orders):
             order = labels[shift:] + labels[:shift]
             options = [names[lab] for lab in order]
-            answer = model.ask(image, mc_question(options), **gen)
+            answer = model.ask(image, mc_question(options), mpp=mpps[i], **gen)
             pick = parse_choice(answer, options)
             chosen.append(None if pick is None else order[pick])
             mc_correct.append(chosen[-1] == label)
@@ -112,7 +114,7 @@ def run_vqa_eval(
         other = labels[int(rng.integers(len(labels) - 1))]
         other = other if other != label else labels[-1]
         for target, truth in ((label, True), (other, False)):
-            answer = model.ask(image, yesno_question(names[target]), **gen)
+            answer = model.ask(image, yesno_question(names[target]), mpp=mpps[i], **gen)
             parsed = parse_yesno(answer)
             yn_correct.append(parsed is truth)
             records.append(
@@ -138,6 +140,7 @@ def run_vqa_eval(
         # answers that name an option and write a letter: share whose letter is that option's
         "mc_letter_matches_name": float(np.mean(letters)) if letters else float("nan"),
         "n_questions": len(all_correct),
+        **scale_summary(data.paths, mpps, tile_scale(model)),
         "n_orders": n_orders,
         "decoding": gen,
         "prompts": {

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pathvlm.eval.common import EvalModel, ImageSequence, Perturbation
+from pathvlm.eval.common import EvalModel, ImageSequence, Perturbation, scale_summary
 from pathvlm.eval.datasets import LabeledDataset, load_dataset, match_classes
 from pathvlm.eval.metrics import classification_metrics, metric_cis, save_confusion_png
 from pathvlm.eval.report import output_paths, write_report
@@ -34,6 +34,7 @@ class ZeroShotEvalConfig:
     seed: int = 0
     resize_mpp_factor: float = 1.0
     stain_jitter: float = 0.0
+    mpp: float | None = None  # um/px of images without their own (CSV 'mpp' column wins)
 
 
 def build_prompt_set(cfg: ZeroShotEvalConfig, data: LabeledDataset) -> PromptSet:
@@ -60,7 +61,8 @@ def run_zeroshot_eval(
     )
     perturb = Perturbation(cfg.resize_mpp_factor, cfg.stain_jitter, cfg.seed)
     images = ImageSequence(data.paths, perturb)
-    logits = clf.logits_from_embeddings(clf.embed_images(images, desc="eval zeroshot"))
+    mpps = data.image_mpps(cfg.mpp)
+    logits = clf.logits_from_embeddings(clf.embed_images(images, desc="eval zeroshot", mpp=mpps))
     probs = _softmax(logits)
     classes = clf.classes
     y_true = np.array([classes.index(label_map[lab]) for lab in data.labels])
@@ -82,6 +84,7 @@ def run_zeroshot_eval(
             "logit_scale": clf.logit_scale,
             "split": cfg.split,
             "perturbation": perturb.describe() if perturb.active else None,
+            **scale_summary(data.paths, mpps, clf.tile_mpp),
         }
     )
     if json_path is not None:

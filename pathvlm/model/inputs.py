@@ -42,7 +42,7 @@ def _tile(tile: Any) -> Any:
 
 
 def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = None,
-               part: str | None = None, tile: Any = None) -> list[SlideInput]:
+               part: str | None = None, tile: Any = None, mpp: float | None = None) -> list[SlideInput]:
     suffix = path.suffix.lower()
     if suffix == ".h5":
         from pathvlm.features import load_features
@@ -52,25 +52,23 @@ def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = Non
     if suffix in CASE_SUFFIXES:
         from pathvlm.case import load_case
 
-        return _from_case(load_case(path), encoder, transform, tile)
+        return _from_case(load_case(path), encoder, transform, tile, mpp)
     if not path.exists():
         raise ModelError(f"{path}: file not found")
     _need_encoder(encoder, str(path))
     if suffix in IMAGE_SUFFIXES:
         from PIL import Image, UnidentifiedImageError
 
-        from pathvlm.embed import embed_image
-
         try:
             with Image.open(path) as im:
                 image = im.convert("RGB")
         except (OSError, UnidentifiedImageError) as exc:
             raise ModelError(f"{path}: cannot read image ({exc})") from exc
-        return [SlideInput(embed_image(image, encoder, transform, size=_tile(tile).size), path.stem, stain, part,
+        return [SlideInput(_embed_image(image, encoder, transform, tile, mpp), path.stem, stain, part,
                            str(path))]
     from pathvlm.slide import open_slide
 
-    with open_slide(path) as slide:
+    with open_slide(path, mpp=mpp) as slide:  # a resolution the file records wins
         return [_from_slide(slide, encoder, transform, stain, part, tile)]
 
 
@@ -84,21 +82,36 @@ def _from_slide(slide: Any, encoder: Any, transform: Any, stain: str | None = No
     return SlideInput(bag, slide.name, stain, part, str(slide.path))
 
 
-def _from_case(case: Any, encoder: Any, transform: Any, tile: Any = None) -> list[SlideInput]:
+def _embed_image(image: Any, encoder: Any, transform: Any, tile: Any, mpp: float | None) -> Any:
+    from pathvlm.embed import embed_image
+
+    tile = _tile(tile)
+    return embed_image(image.convert("RGB"), encoder, transform, size=tile.size, image_mpp=mpp,
+                       target_mpp=tile.mpp)
+
+
+def _from_case(case: Any, encoder: Any, transform: Any, tile: Any = None,
+               mpp: float | None = None) -> list[SlideInput]:
     out = []
     for ref in case.slides:
-        for item in _from_path(Path(ref.path), encoder, transform, ref.stain, ref.part, tile):
+        ref_mpp = getattr(ref, "mpp", None) or mpp  # the manifest's entry wins over the call's
+        for item in _from_path(Path(ref.path), encoder, transform, ref.stain, ref.part, tile, ref_mpp):
             item.name = ref.name
             out.append(item)
     return out
 
 
 def resolve_inputs(input: Any, encoder: Any = None, transform: Any = None,
-                   tile: Any = None) -> list[SlideInput]:
+                   tile: Any = None, mpp: float | None = None) -> list[SlideInput]:
     """Feature bags of every slide in ``input`` (None or [] -> no slide).
 
-    ``tile`` (a TileConfig; None = its defaults) sets how whole slides are cut for the encoder.
+    ``tile`` (a TileConfig; None = its defaults) sets how slides and images are cut for the
+    encoder. ``mpp``: um/px of plain images (and of slide files that record none); images are
+    resampled from it to ``tile.mpp``. A case entry's own ``mpp`` wins. Without one, an image is
+    taken to be at the tile scale and its bag says so (`scale_notes`).
     """
+    if mpp is not None and not mpp > 0:
+        raise ModelError(f"mpp must be a positive number, got {mpp}")
     from pathvlm.features import FeatureBag
 
     if input is None:
@@ -114,22 +127,31 @@ def resolve_inputs(input: Any, encoder: Any = None, transform: Any = None,
         coords = torch.zeros(input.shape[0], 2, dtype=torch.int64)
         return [SlideInput(FeatureBag(input, coords), None, source="<tensor>")]
     if isinstance(input, (str, Path)):
-        return _from_path(Path(input), encoder, transform, tile=tile)
+        return _from_path(Path(input), encoder, transform, tile=tile, mpp=mpp)
     if isinstance(input, (list, tuple)):
-        return [s for item in input for s in resolve_inputs(item, encoder, transform, tile)]
+        return [s for item in input for s in resolve_inputs(item, encoder, transform, tile, mpp)]
     from pathvlm.case import Case
 
     if isinstance(input, Case):
-        return _from_case(input, encoder, transform, tile)
+        return _from_case(input, encoder, transform, tile, mpp)
     if hasattr(input, "read_region") and hasattr(input, "path"):  # a pathvlm Slide
         return [_from_slide(input, encoder, transform, tile=tile)]
     from PIL import Image
 
     if isinstance(input, Image.Image):
-        from pathvlm.embed import embed_image
-
         _need_encoder(encoder, "image")
-        return [SlideInput(embed_image(input.convert("RGB"), encoder, transform, size=_tile(tile).size), None,
-                           source="<image>")]
+        return [SlideInput(_embed_image(input, encoder, transform, tile, mpp), None, source="<image>")]
     raise ModelError(f"cannot ask about a {type(input).__name__}: give a slide, image, feature file, "
                      "FeatureBag, Case or a list of these")
+
+
+def scale_notes(slides: list[SlideInput], how: str = "--mpp / mpp=") -> list[str]:
+    """One line naming the plain images that came without a pixel size and the scale assumed;
+    ``how`` says where to give one."""
+    from pathvlm.embed import assumed_scale_note
+
+    assumed = [s for s in slides if s.bag.attrs.get("mpp_assumed")]
+    if not assumed:
+        return []
+    names = [s.name or Path(s.source).name for s in assumed]
+    return [assumed_scale_note(names, assumed[0].bag.attrs.get("mpp") or None, how)]

@@ -20,7 +20,7 @@ from torch import nn
 from pathvlm.errors import ModelError
 from pathvlm.features import check_same_encoder
 from pathvlm.model.aggregators import create_aggregator
-from pathvlm.model.inputs import SlideInput, resolve_inputs
+from pathvlm.model.inputs import SlideInput, resolve_inputs, scale_notes
 from pathvlm.model.processor import SlideSlot, add_slide_token, build_messages, render
 from pathvlm.model.projectors import create_projector
 
@@ -84,6 +84,7 @@ class PathVLM(nn.Module):
         self.run_dir: Path | None = None  # set by load_model
         self.calibration: Any = None  # pathvlm.calibration.Calibration from calibration.json
         self.precision = "fp32"  # of the encoder's image tower and the LLM; see set_precision
+        self.last_notes: list[str] = []  # what the last call assumed (e.g. an image's pixel size)
 
     def set_precision(self, precision: str) -> PathVLM:
         """Run the encoder's image tower and the LLM in ``precision`` (auto/fp32/bf16/fp16) for
@@ -183,13 +184,17 @@ class PathVLM(nn.Module):
         return self.llm(inputs_embeds=self.embed_inputs(input_ids, slide_embeds), **kwargs)
 
     # -- chat -------------------------------------------------------------------------------
-    def prepare(self, input: Any, question: str, history: list[dict[str, str]] | None = None
-                ) -> torch.Tensor:
-        """Prompt embeddings [1, L, H] for a question about ``input`` (None: no slide)."""
+    def prepare(self, input: Any, question: str, history: list[dict[str, str]] | None = None,
+                mpp: float | None = None) -> torch.Tensor:
+        """Prompt embeddings [1, L, H] for a question about ``input`` (None: no slide).
+
+        ``mpp``: um/px of a plain image (resampled to ``cfg.tile_mpp``); see `resolve_inputs`.
+        """
         from pathvlm.slide import TileConfig
 
         tile = TileConfig(mpp=self.cfg.tile_mpp, size=self.cfg.tile_size)
-        slides = resolve_inputs(input, self.encoder, self.transform, tile)
+        slides = resolve_inputs(input, self.encoder, self.transform, tile, mpp)
+        self.last_notes = scale_notes(slides)
         slide_embeds, slots = self.slide_embeddings(slides)
         messages = build_messages(question, slots, history, self.cfg.system_prompt)
         ids = render(self.tokenizer, messages).to(self.device)
@@ -210,11 +215,13 @@ class PathVLM(nn.Module):
 
     @torch.no_grad()
     def generate_ids(self, input: Any, question: str, history: list[dict[str, str]] | None = None,
-                     precision: str | None = None, **gen: Any) -> torch.Tensor:
-        """New token ids [1, T] of the answer (``precision``: see `set_precision`; None keeps it)."""
+                     precision: str | None = None, mpp: float | None = None,
+                     **gen: Any) -> torch.Tensor:
+        """New token ids [1, T] of the answer (``precision``: see `set_precision`; None keeps it;
+        ``mpp``: as in `ask`)."""
         if precision is not None:
             self.set_precision(precision)
-        embeds = self.prepare(input, question, history)
+        embeds = self.prepare(input, question, history, mpp)
         return self.llm.generate(**self._gen_kwargs(embeds, gen))
 
     @property
@@ -227,18 +234,20 @@ class PathVLM(nn.Module):
         return self._chat
 
     def routed(self, input: Any, question: str, history: list[dict[str, str]] | None, case: Any,
-               route: bool) -> str | None:
+               route: bool, mpp: float | None = None) -> str | None:
         """The routed answer (case facts, refusal, differential, next steps), or None when the LLM
         should answer. Text-only prompts (no input, no case) are never routed."""
         if not route or (input is None and case is None):
             return None
-        reply = self.chat.reply(input, question, history, case)
+        self.last_notes = []
+        reply = self.chat.reply(input, question, history, case, mpp=mpp)
         if reply.text is not None and reply.route.kind in ("facts", "out_of_scope"):
             self.last_attention = []  # nothing was looked at
         return reply.text
 
     def ask(self, input: Any, question: str, history: list[dict[str, str]] | None = None, *,
-            case: Any = None, route: bool = True, precision: str | None = None, **gen: Any) -> str:
+            case: Any = None, route: bool = True, precision: str | None = None,
+            mpp: float | None = None, **gen: Any) -> str:
         """Answer ``question`` about a slide / image / feature file / case (None: text only).
 
         Args:
@@ -248,30 +257,32 @@ class PathVLM(nn.Module):
                 ``pathvlm.chat`` (False: always the LLM).
             precision: ``auto``/``fp32``/``bf16``/``fp16`` from now on (`set_precision`); None
                 keeps the model's current one.
+            mpp: the image's own um/px; without it a plain image is taken to be at the model's
+                tile scale and ``last_notes`` says so.
         """
         if precision is not None:
             self.set_precision(precision)
-        text = self.routed(input, question, history, case, route)
+        text = self.routed(input, question, history, case, route, mpp)
         if text is not None:
             return text
-        out = self.generate_ids(input, question, history, **gen)
+        out = self.generate_ids(input, question, history, mpp=mpp, **gen)
         return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
     def stream(self, input: Any, question: str, history: list[dict[str, str]] | None = None, *,
                case: Any = None, route: bool = True, precision: str | None = None,
-               **gen: Any) -> Iterator[str]:
+               mpp: float | None = None, **gen: Any) -> Iterator[str]:
         """Yield the answer in text pieces as they are generated (a routed answer word by word;
-        ``precision`` as in `ask`)."""
+        ``precision`` and ``mpp`` as in `ask`)."""
         from transformers import TextIteratorStreamer
 
         if precision is not None:
             self.set_precision(precision)
-        text = self.routed(input, question, history, case, route)
+        text = self.routed(input, question, history, case, route, mpp)
         if text is not None:
             yield from re.findall(r"\S+\s*", text)
             return
         with torch.no_grad():
-            embeds = self.prepare(input, question, history)
+            embeds = self.prepare(input, question, history, mpp)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True)
         kwargs = self._gen_kwargs(embeds, {**gen, "streamer": streamer})
         errors: list[BaseException] = []
@@ -293,14 +304,15 @@ class PathVLM(nn.Module):
 
     def draft_report(self, input: Any, kind: str, clinical: dict[str, Any] | None = None,
                      case: Any = None, findings_config: Any = None,
-                     min_confidence: float | None = None) -> Any:
+                     min_confidence: float | None = None, mpp: float | None = None) -> Any:
         """A draft structured report (``pathvlm.reports``) of a slide, image, features or case;
         ``findings_config``: a ``pathvlm.reports.from_model.FindingsConfig``; ``min_confidence``:
-        threshold for image-decided values (None: the one chosen on val, calibration.json)."""
+        threshold for image-decided values (None: the one chosen on val, calibration.json);
+        ``mpp``: a plain image's um/px (the report's flags say which scale was assumed without it)."""
         from pathvlm.reports.from_model import ReportDrafter
 
         return ReportDrafter(self, findings_config).draft(input, kind, clinical, case,
-                                                          min_confidence=min_confidence)
+                                                          min_confidence=min_confidence, mpp=mpp)
 
     # -- persistence ------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path) -> Path:

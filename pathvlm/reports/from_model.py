@@ -121,14 +121,15 @@ class ReportDrafter:
         return self.scorer.unavailable
 
     # -- findings ---------------------------------------------------------------------------
-    def findings(self, input: Any) -> tuple[ImageFindings, list[Any]]:
-        """ImageFindings of every slide in `input` and the resolved slide inputs."""
+    def findings(self, input: Any, mpp: float | None = None) -> tuple[ImageFindings, list[Any]]:
+        """ImageFindings of every slide in `input` and the resolved slide inputs (``mpp``: a
+        plain image's um/px, as in `resolve_inputs`)."""
         from pathvlm.model.inputs import resolve_inputs
         from pathvlm.slide import TileConfig
 
         m = self.model
         tile = TileConfig(mpp=m.cfg.tile_mpp, size=m.cfg.tile_size)
-        slides = resolve_inputs(input, m.encoder, m.transform, tile)
+        slides = resolve_inputs(input, m.encoder, m.transform, tile, mpp)
         found = [slide_findings(s, self.cfg.n_class_tiles)
                  for s in self.scorer.score_slides(slides)]
         chooser = None
@@ -148,26 +149,33 @@ class ReportDrafter:
                              calibration=status, weights_hash=model_weights_hash(m)), slides
 
     def draft(self, input: Any, kind: str, clinical: Mapping[str, Any] | None = None,
-              case: Case | None = None, min_confidence: float | None = None) -> ReportBase:
+              case: Case | None = None, min_confidence: float | None = None,
+              mpp: float | None = None) -> ReportBase:
         """A draft report of type `kind` for a slide, image, feature file, case or case file.
 
-        `min_confidence` overrides the threshold chosen on val (and `cfg.min_confidence`)."""
+        `min_confidence` overrides the threshold chosen on val (and `cfg.min_confidence`).
+        ``mpp``: a plain image's um/px; without it the image is taken to be at the model's tile
+        scale, and the report's flags say so."""
         from pathvlm.case import Case, load_case
-        from pathvlm.model.inputs import CASE_SUFFIXES
+        from pathvlm.model.inputs import CASE_SUFFIXES, scale_notes
         from pathvlm.reports.draft import draft_report
 
         if isinstance(input, (str, Path)) and Path(input).suffix.lower() in CASE_SUFFIXES:
             input = load_case(input)
         if isinstance(input, Case):
             case = case or input
-        findings, _ = self.findings(input)
+        findings, slides = self.findings(input, mpp)
         narrator = None
         if self.cfg.narrative_tokens > 0:
             def narrator(prompt: str) -> str:
                 return self.model.ask(None, prompt, max_new_tokens=self.cfg.narrative_tokens)
         threshold = min_confidence if min_confidence is not None else self.cfg.min_confidence
-        return draft_report(findings, kind, clinical, case=case, narrator=narrator,
-                            min_confidence=threshold)
+        report = draft_report(findings, kind, clinical, case=case, narrator=narrator,
+                              min_confidence=threshold)
+        notes = scale_notes(slides)
+        report.flags.extend(notes)
+        self.model.last_notes = notes  # as after `ask`: what this call assumed
+        return report
 
 
 def _model_name(model: Any) -> str:

@@ -65,6 +65,19 @@ class ImageSlide(Slide):
             properties={"pathvlm.image-format": fmt},
         )
 
+    @classmethod
+    def from_image(cls, image: Image.Image, mpp: float | None = None, name: str = "image") -> ImageSlide:
+        """An in-memory PIL image as a one-level slide (``name`` stands in for the file path), so
+        a plain image given with its pixel size is read at a target scale like any slide."""
+        if mpp is not None and not mpp > 0:
+            raise SlideError(name, f"mpp must be a positive number, got {mpp}")
+        self = cls.__new__(cls)
+        self._image = _to_rgb(image)
+        Slide.__init__(self, name, level_dimensions=[image.size], level_downsamples=[1.0],
+                       mpp=(float(mpp), float(mpp)) if mpp else None, objective_power=None,
+                       vendor="image", properties={"pathvlm.image-format": "in-memory"})
+        return self
+
     def _read_level_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> Image.Image:

@@ -75,7 +75,10 @@ def _layout(gr: Any, title: str, h: Handlers) -> SimpleNamespace:
                                elem_id="upload")
             c.path = gr.Textbox(label="...or a path under " + ", ".join(r.name for r in h.access.roots),
                                 elem_id="path", visible=h.access.has_roots)
-            c.stain = gr.Textbox(label="Stain (H&E, IHC: CD20, special: PAS)", value="H&E")
+            with gr.Row():
+                c.stain = gr.Textbox(label="Stain (H&E, IHC: CD20, special: PAS)", value="H&E")
+                c.mpp = gr.Number(label="Pixel size, um/px (images that record none)", value=None,
+                                  minimum=0, elem_id="mpp")
             c.open_btn = gr.Button("Open", variant="primary", elem_id="open")
             c.example = gr.Dropdown(list(h.deploy.examples), value=None, label="Examples (open one)",
                                     elem_id="examples", visible=bool(h.deploy.examples))
@@ -184,8 +187,9 @@ def _wire(gr: Any, h: Handlers, c: SimpleNamespace) -> None:
     """
     private = {"api_visibility": "private"}
 
-    def _open(u, p, s, sess, progress=gr.Progress(track_tqdm=True), user=None):  # noqa: B008 - gradio
-        return h.open(u, p, s, sess, progress, user=user)
+    # m (pixel size) defaults to None, so API clients may leave it out
+    def _open(u, p, s, m=None, sess=None, progress=gr.Progress(track_tqdm=True), user=None):  # noqa: B008
+        return h.open(u, p, s, sess, progress, user=user, mpp=m)
 
     def _open_example(name, s, sess, progress=gr.Progress(track_tqdm=True), user=None):  # noqa: B008
         return h.open_example(name, s, sess, progress, user=user)
@@ -199,7 +203,7 @@ def _wire(gr: Any, h: Handlers, c: SimpleNamespace) -> None:
 
     view_in, view_out = [c.heat, c.heat_cls, c.opacity, c.session], [c.viewer, c.status]
     open_out = [c.session, c.info, c.viewer, c.slide_pick, c.status]
-    c.open_btn.click(_as_user(gr, _open), [c.upload, c.path, c.stain, c.session], open_out,
+    c.open_btn.click(_as_user(gr, _open), [c.upload, c.path, c.stain, c.mpp, c.session], open_out,
                      api_name="open", concurrency_id="model")
     c.example.input(_as_user(gr, _open_example), [c.example, c.stain, c.session], open_out,
                     api_name="open_example", concurrency_id="model")

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from pathvlm.case import CaseError
 from pathvlm.errors import ConfigError, PathVLMError, SlideError
+from pathvlm.model.inputs import scale_notes
 from pathvlm.ui import report as rep
 from pathvlm.ui import viz
 from pathvlm.ui.audit import AuditLog, slide_fingerprint
@@ -89,9 +90,11 @@ class Handlers:
 
     # -- slides -----------------------------------------------------------------------------
     def open(self, upload: str | None, path: str | None, stain: str | None, session: Session,
-             progress: Any = None, user: str | None = None) -> tuple[Session, str, Any, Any, str]:
+             progress: Any = None, user: str | None = None, mpp: float | None = None
+             ) -> tuple[Session, str, Any, Any, str]:
         """Open an uploaded file, an example or a server path under a slide root (a slide, an
-        image or a case manifest), add it to the case and show it."""
+        image or a case manifest), add it to the case and show it; ``mpp`` is the pixel size of
+        an image that records none (the status says what was assumed)."""
         original = self.own(session, user)
         session = copy.deepcopy(original)
         text = (path or "").strip()
@@ -107,7 +110,7 @@ class Handlers:
                 prepared, cached = self._open_manifest(src, session, bool(upload), tried)
                 status = f"Opened case {src.stem} ({len(session.slides)} slides)"
             else:
-                prepared, cached = self._add_slide(session, src, stain, tried)
+                prepared, cached = self._add_slide(session, src, stain, tried, mpp=mpp or None)
                 status = f"Opened {prepared.name}"
         except (PathVLMError, ValidationError, OSError) as exc:
             self._audit("open", user, tried, False)
@@ -116,6 +119,7 @@ class Handlers:
         self._audit("open", user, tried, True)
         session.zeroshot, session.region = None, None
         status += " (from cache)" if cached else ""
+        status += "".join(f". Note: {n}" for n in scale_notes(prepared.inputs, "the pixel-size field"))
         return session, info_markdown(prepared), prepared.outlined, self.slide_names(session), status
 
     def open_example(self, name: str | None, stain: str | None, session: Session, progress: Any = None,
@@ -128,7 +132,7 @@ class Handlers:
         return self.open(None, name, stain, session, progress, user)
 
     def _add_slide(self, session: Session, src: Path, stain: str | None, tried: list[str],
-                   activate: bool = True) -> tuple[Any, bool]:
+                   activate: bool = True, mpp: float | None = None) -> tuple[Any, bool]:
         """Prepare ``src`` (within the session's and the server's limits) and put it in the case;
         its fingerprint is appended to ``tried`` for the audit log."""
         d = self.deploy
@@ -138,7 +142,8 @@ class Handlers:
                               "limit on this server; start a new session (a new browser tab)")
         fingerprint = slide_fingerprint(src)
         tried.append(fingerprint)
-        prepared, key, cached = prepare_slide(self.model, src, self.cache, max_pixels=d.max_pixels)
+        prepared, key, cached = prepare_slide(self.model, src, self.cache, max_pixels=d.max_pixels,
+                                              mpp=mpp)
         held = sum(self.cache.nbytes(s.key) for s in session.slides if s.name != prepared.name)
         held += self.cache.nbytes(key)
         if held > d.max_session_feature_mb * 2**20:
@@ -170,7 +175,8 @@ class Handlers:
         first, cached_all = None, True
         for i, ref in enumerate(case.slides):
             try:
-                prepared, cached = self._add_slide(work, Path(ref.path), ref.stain, tried, activate=i == 0)
+                prepared, cached = self._add_slide(work, Path(ref.path), ref.stain, tried, activate=i == 0,
+                                                   mpp=ref.mpp)
             except PathVLMError as exc:
                 raise CaseError(src.name, f"slides[{i}] ({ref.name})", problem(exc)) from None
             first, cached_all = first or prepared, cached_all and cached

@@ -155,10 +155,11 @@ def file_fingerprint(path: Path, chunk: int = 4 << 20) -> str:
     return f"{path.name}|{size}|{h.hexdigest()}"
 
 
-def open_for_app(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
+def open_for_app(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 mpp: float | None = None) -> Any:
     from pathvlm.slide import open_slide
 
-    return open_slide(Path(path), max_pixels=max_pixels)
+    return open_slide(Path(path), mpp=mpp, max_pixels=max_pixels)
 
 
 def check_pixel_budget(slide: Any, tile_mpp: float, max_pixels: int) -> None:
@@ -174,10 +175,13 @@ def check_pixel_budget(slide: Any, tile_mpp: float, max_pixels: int) -> None:
 
 
 def prepare_slide(model: Any, path: str | Path, cache: SlideCache, thumb_size: int = 768,
-                  max_pixels: int | None = None) -> tuple[PreparedSlide, str, bool]:
+                  max_pixels: int | None = None, mpp: float | None = None
+                  ) -> tuple[PreparedSlide, str, bool]:
     """Open, outline and embed a slide or image once; returns (prepared, cache key, was cached).
 
     ``max_pixels``: the pixel budget (plain images decoded, slides at the embedding resolution).
+    ``mpp``: the pixel size of an image (or slide file) that records none; images are resampled
+    from it to the model's tile scale.
     """
     from pathvlm.model.inputs import resolve_inputs
     from pathvlm.slide import TileConfig, TissueConfig, detect_tissue
@@ -187,8 +191,8 @@ def prepare_slide(model: Any, path: str | Path, cache: SlideCache, thumb_size: i
     if not path.exists():
         raise SlideError(path, "file not found")
     budget = max_pixels or DEFAULT_MAX_PIXELS
-    with open_for_app(path, budget) as slide:
-        key = f"{file_fingerprint(path)}|{encoder_key(model)}"
+    with open_for_app(path, budget, mpp) as slide:
+        key = f"{file_fingerprint(path)}|{encoder_key(model)}|{mpp}"
         hit = cache.get(key)
         if hit is not None:
             return hit, key, True
@@ -202,12 +206,15 @@ def prepare_slide(model: Any, path: str | Path, cache: SlideCache, thumb_size: i
             log.warning("%s: no tissue outline (%s)", path, exc)
             outlined = thumb
         tile = TileConfig(mpp=model.cfg.tile_mpp, size=model.cfg.tile_size)
-        inputs = resolve_inputs(path, model.encoder, model.transform, tile)
+        inputs = resolve_inputs(path, model.encoder, model.transform, tile, mpp)
     if not inputs or inputs[0].bag.features.shape[0] == 0:
         raise SlideError(path, "no tissue tiles to embed")
-    coords = np.asarray(inputs[0].bag.coords)
+    coords, attrs = np.asarray(inputs[0].bag.coords), inputs[0].bag.attrs
+    # an image's tile covers tile_size * tile_mpp / image_mpp of its own pixels
+    side = model.cfg.tile_size * attrs["mpp"] / attrs["image_mpp"] if attrs.get("image_mpp") else \
+        model.cfg.tile_size
     prepared = PreparedSlide(str(path), path.stem, info, thumb, outlined, inputs,
-                             tile_extent(coords, model.cfg.tile_size))
+                             tile_extent(coords, side))
     cache.put(key, prepared)
     return prepared, key, False
 
