@@ -262,19 +262,21 @@ def get_scorer(model: Any) -> Scorer:
     return scorer
 
 
-def score(model: Any, input: Any, scorer: Scorer | None = None) -> list[SlideScores]:
+def score(model: Any, input: Any, scorer: Scorer | None = None,
+          mpp: float | None = None) -> list[SlideScores]:
     """Calibrated head scores for every slide of a slide / image / feature file / case / list.
 
     Args:
         model: a PathVLM.
         input: anything `PathVLM.ask` accepts, or already resolved `SlideInput`s.
         scorer: a Scorer to use (default: the model's own, see `get_scorer`).
+        mpp: a plain image's own um/px (see `resolve_inputs`).
     """
     from pathvlm.model.inputs import resolve_inputs
     from pathvlm.slide import TileConfig
 
     tile = TileConfig(mpp=model.cfg.tile_mpp, size=model.cfg.tile_size)
-    slides = resolve_inputs(input, model.encoder, model.transform, tile)
+    slides = resolve_inputs(input, model.encoder, model.transform, tile, mpp)
     return (scorer or get_scorer(model)).score_slides(slides)
 
 
