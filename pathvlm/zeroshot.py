@@ -495,13 +495,13 @@ class ZeroShotClassifier:
         Tiles are cut at the tile scale and the encoder's input size unless ``tile_config``
         says otherwise; ``mpp`` is the resolution of a slide file that records none.
         """
-        from pathvlm.encoders import input_size
+        from pathvlm.encoders import native_tile_size
         from pathvlm.slide import TileConfig, TissueConfig, open_slide, read_tile, tile_slide
 
         if isinstance(slide, (str, Path)):
             slide = open_slide(slide, mpp=mpp)
         if tile_config is None:
-            tile_config = (TileConfig(mpp=self.tile_mpp, size=input_size(self.encoder))
+            tile_config = (TileConfig(mpp=self.tile_mpp, size=native_tile_size(self.encoder))
                            if self.tile_mpp else TileConfig())
         grid = tile_slide(slide, tile_config, tissue_config or TissueConfig())
         n = len(grid.coords)

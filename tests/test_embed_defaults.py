@@ -43,7 +43,7 @@ def test_embed_defaults_to_the_default_models_encoder():
     assert not entry.random_weights
     record = read_encoder_record(DEFAULT_ENCODER)
     assert record is not None and record.tile_mpp == config["tile_mpp"]
-    assert record.input_size == config["tile_size"]
+    assert record.tile_size == config["tile_size"]
 
 
 def test_random_init_is_seeded_and_hash_stable_across_processes():

@@ -17,7 +17,7 @@ from pathvlm.encoders import create_encoder
 from pathvlm.errors import ConfigError, ModelError
 from pathvlm.slide.base import resize_exact
 
-DEMO = "pathvlm-demo"  # tile_mpp 1.0, 112 px input
+DEMO = "pathvlm-demo"  # the default model's encoder (tile_mpp recorded with it)
 TINY_LLM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
 
@@ -148,7 +148,7 @@ def demo_classifier():
     from pathvlm.zeroshot import ZeroShotClassifier
 
     encoder, transform = create_encoder(DEMO, device="cpu")
-    assert encoder.tile_mpp == 1.0
+    assert encoder.tile_mpp is not None
     return ZeroShotClassifier(encoder, prompts="crc_tissue", transform=transform, progress=False)
 
 
@@ -166,7 +166,7 @@ def test_crc_tile_at_its_own_scale_matches_the_tile_resized_by_hand(crc_pairs, d
     cos_native = (clf.embed_images(big) * emb_one).sum(-1)
     assert cos_native.min() < cos.min()
     unknown = clf.predict(big[:2])
-    assert unknown.notes and "assumed 1 um/px" in unknown.notes[0]
+    assert unknown.notes and f"assumed {clf.tile_mpp:g} um/px" in unknown.notes[0]
     assert unknown.to_dict()["predictions"][0]["mpp_assumed"] is True
 
 
@@ -204,7 +204,7 @@ def test_cli_zeroshot_and_eval_take_mpp(crc_pairs, tmp_path, capsys):
                  "--model", model, "--n-boot", "10", "--mpp", "1.0",
                  "--json", str(tmp_path / "lp.json")]) == 0
     probe = json.loads((tmp_path / "lp.json").read_text())
-    assert probe["scale"]["tile_mpp"] == 1.0 and probe["notes"] == []
+    assert probe["scale"]["tile_mpp"] is not None and probe["notes"] == []
     bad = tmp_path / "bad.csv"
     bad.write_text(f"path,label,mpp\n{big[0]},ADI,-1\n{big[1]},BACK,\n")
     assert main(["-q", "eval", "zeroshot", "--data", str(bad), "--prompts", "crc_tissue",
