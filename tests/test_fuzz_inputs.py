@@ -294,15 +294,15 @@ def test_mutated_manifests(ihc_png, tiny_run, tmp_path, capfd):
         t0 = time.perf_counter()
         session, *_, status = h.open(str(path), "", "H&E", Session())
         assert time.perf_counter() - t0 < TIME_LIMIT_S and "\n" not in status, (path.name, status)
-        if status.startswith("Opened case"):
-            assert rc == 0 and len(session.slides) == 1
+        if status.startswith("Opened case"):  # the app takes slides and results, not clinical values
+            assert library_ok and len(session.slides) == 1
             results["ok"] += 1
         else:
             assert status.startswith(f"Could not open {path.name}: ") and session.slides == [], status
             results["refused"] += 1
     TRIED["manifests"] = len(files)
     SUMMARY.append(f"fuzz: {len(files)} manifests: {results['ok']} opened, {results['refused']} refused "
-          "(library, CLI report and app agree on each)")
+          "(the app opens only what the library loads)")
     assert results["ok"] >= 1 and results["refused"] >= len(files) - 5
 
 
