@@ -94,7 +94,7 @@ def test_open_gives_one_answer_outside_the_roots(model, tree):
     assert status.startswith("Could not open notes.txt: not a whole-slide image") and str(root) not in status
     status = h.open(None, LONG, "H&E", Session())[-1]
     assert "Could not open" in status and OUTSIDE not in status
-    assert h.open(None, "sub/Schnitt-ü-日本.png", "H&E", Session())[-1] == "Opened Schnitt-ü-日本"
+    assert h.open(None, "sub/Schnitt-ü-日本.png", "H&E", Session())[-1].startswith("Opened Schnitt-ü-日本")
 
 
 def test_manifest_paths_obey_the_roots(model, tree, tmp_path):
@@ -113,7 +113,7 @@ def test_manifest_paths_obey_the_roots(model, tree, tmp_path):
 
     ok = manifest("good.json", [str(root / "a.png"), "sub/Schnitt-ü-日本.png"])  # relative: under the roots
     session, _, _, _, status = h.open(ok, "", "H&E", Session())
-    assert status == "Opened case good (2 slides)" and [s.name for s in session.slides] == ["a", "Schnitt-ü-日本"]
+    assert status.startswith("Opened case good (2 slides)") and [s.name for s in session.slides] == ["a", "Schnitt-ü-日本"]
     answers = set()
     for p in ["/etc/passwd", "/etc/doesnotexist", str(secret), "../secret.png", f"{root}/out.png"]:
         session, *_, status = h.open(manifest("bad.json", [str(root / "a.png"), p]), "", "H&E", Session())
@@ -230,8 +230,8 @@ def chat_questions(chat) -> list[str]:
 def test_two_logins_never_see_each_other(shared_app, tmp_path):
     url, _, base = shared_app
     alice, bob = login(url, "alice", tmp_path), login(url, "bob", tmp_path)
-    assert alice.predict(None, "alice_slide.png", "H&E", api_name="/open")[-1] == "Opened alice_slide"
-    assert bob.predict(None, "bob_slide.png", "H&E", api_name="/open")[-1] == "Opened bob_slide"
+    assert alice.predict(None, "alice_slide.png", "H&E", api_name="/open")[-1].startswith("Opened alice_slide")
+    assert bob.predict(None, "bob_slide.png", "H&E", api_name="/open")[-1].startswith("Opened bob_slide")
     assert chat_questions(alice.predict("alice asks", "active slide", False, api_name="/ask")[0]) == ["alice asks"]
     assert chat_questions(bob.predict("bob asks", "active slide", False, api_name="/ask")[0]) == ["bob asks"]
     _, js_a, *_ = alice.predict("", "", None, None, None, api_name="/report_colorectal_biopsy")
@@ -272,7 +272,7 @@ def test_shared_app_refuses_alike_and_bounds_uploads(shared_app, tmp_path, ihc_p
     Image.effect_noise((1024, 1024), 64).convert("RGB").save(big)  # ~1.3 MB of noise, over 1mb
     with pytest.raises(Exception, match="(?i)size|large|exceed"):  # gradio's 413 comes back as an error
         c.predict(gradio_client.handle_file(str(big)), "", "H&E", api_name="/open")
-    assert c.predict(gradio_client.handle_file(str(ihc_png)), "", "H&E", api_name="/open")[-1] == "Opened ihc"
+    assert c.predict(gradio_client.handle_file(str(ihc_png)), "", "H&E", api_name="/open")[-1].startswith("Opened ihc")
     # gradio's file route serves no server file either, logged in or not
     with httpx.Client(base_url=url) as web:
         web.post("login", data={"username": "alice", "password": "apass"})
