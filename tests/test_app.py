@@ -94,7 +94,7 @@ def test_open_ask_stream_report_download(app_url, ihc_png, tmp_path):
     second = ask(c, "And the stroma?")[-1][0]  # multi-turn: history kept in the session
     assert [text(m) for m in second[::2]] == ["What tissue is this?", "And the stroma?"]
 
-    md, js, md_file, fhir, status = c.predict("Right hemicolectomy", "Cecum", 3.5, 14, 2,
+    md, js, md_file, fhir, _evidence_pick, status = c.predict("Right hemicolectomy", "Cecum", 3.5, 14, 2,
                                               api_name="/report_colorectal_resection")
     assert status.startswith("Drafted colorectal_resection"), status
     report = json.loads(Path(js).read_text(encoding="utf-8"))

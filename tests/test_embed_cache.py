@@ -33,7 +33,7 @@ def _encoder(weights="abc123"):
 def test_second_embedding_of_the_same_files_is_read_back_and_changes_invalidate(files, monkeypatch):
     calls = []
 
-    def fake(images, encoder, transform, size, batch_size, progress=False):
+    def fake(images, encoder, transform, size, batch_size, progress=False, **scale):
         calls.append(len(images))
         return torch.arange(len(images) * 4, dtype=torch.float32).reshape(len(images), 4) + len(calls)
 
@@ -43,17 +43,21 @@ def test_second_embedding_of_the_same_files_is_read_back_and_changes_invalidate(
     assert len(calls) == 1 and np.array_equal(first, again)
     embed_dataset(_encoder("other"), lambda im: im, ImageSequence(files))  # other weights
     assert len(calls) == 2
+    bf16 = _encoder()
+    bf16.precision = "bf16"
+    embed_dataset(bf16, lambda im: im, ImageSequence(files))  # other precision
+    assert len(calls) == 3
     embed_dataset(_encoder(), lambda im: im, ImageSequence(files, Perturbation(1.5, 0.0, 0)))
-    assert len(calls) == 3  # a perturbed view is another set of embeddings
+    assert len(calls) == 4  # a perturbed view is another set of embeddings
     os.utime(files[0], ns=(1, 1))  # the file changed
     embed_dataset(_encoder(), lambda im: im, ImageSequence(files))
-    assert len(calls) == 4
+    assert len(calls) == 5
     monkeypatch.setenv("PATHVLM_EMBED_CACHE", "0")
     embed_dataset(_encoder(), lambda im: im, ImageSequence(files))
-    assert len(calls) == 5
+    assert len(calls) == 6
     random = _encoder()
     random.random_weights = True
     monkeypatch.delenv("PATHVLM_EMBED_CACHE")
     embed_dataset(random, lambda im: im, ImageSequence(files))
     embed_dataset(random, lambda im: im, ImageSequence(files))
-    assert len(calls) == 7  # random weights are never cached
+    assert len(calls) == 8  # random weights are never cached

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pathvlm.encoders.trunks import TRUNKS, load_pretrained_trunk, timm_name_of, timm_state_dict, weights_path
+from pathvlm.encoders.trunks import (
+    TRUNKS,
+    load_pretrained_trunk,
+    timm_name_of,
+    timm_state_dict,
+    weights_path,
+)
 from pathvlm.errors import ModelError
 
 timm = pytest.importorskip("timm")

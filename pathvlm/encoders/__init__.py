@@ -15,8 +15,8 @@ from pathvlm.encoders.registry import (
     get_encoder_entry,
     input_size,
     list_encoders,
-    register_spec_builder,
     native_tile_size,
+    register_spec_builder,
 )
 
 register_spec_builder(FOUNDATION_PREFIX, _build_from_registry)

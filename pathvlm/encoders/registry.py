@@ -25,7 +25,6 @@ from pathvlm.encoders.archs import (
     get_arch_config,
     resolve_hf_name,
 )
-from pathvlm.encoders.trunks import TRUNKS, get_trunk, load_pretrained_trunk
 from pathvlm.encoders.patch_encoder import (
     CONFIG_NAME,
     PACKAGE_TEXT_PREFIX,
@@ -33,6 +32,7 @@ from pathvlm.encoders.patch_encoder import (
     PatchEncoder,
     build_clip,
 )
+from pathvlm.encoders.trunks import TRUNKS, get_trunk, load_pretrained_trunk
 from pathvlm.errors import ModelError
 from pathvlm.resources import demo_weights_dir
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -173,11 +172,12 @@ def _embedding_cache_path(encoder: Any, images: ImageSequence, mpp: list[float |
     """Where the embeddings of these files under this encoder are kept between evaluations
     (linear probe, few-shot k = 1, 4, 16 and their seeds embed the same images), or None when the
     encoder has no recorded weights hash or an item is not a file. The key covers the weights, the
-    tile scale, every file's path, size and mtime, and the perturbation; ``PATHVLM_EMBED_CACHE=0``
+    precision, tile scale, every file's path, size and mtime, the images' pixel sizes and the
+    perturbation; ``PATHVLM_EMBED_CACHE=0``
     turns it off."""
     import hashlib
-    from pathlib import Path
     import json
+    from pathlib import Path
 
     from pathvlm.encoders import native_tile_size
     from pathvlm.model.llm import cache_root
@@ -193,8 +193,8 @@ def _embedding_cache_path(encoder: Any, images: ImageSequence, mpp: list[float |
         st = Path(item).stat()
         files.append([str(Path(item).resolve()), st.st_size, st.st_mtime_ns])
     pert = images.perturbation.describe() if images.perturbation is not None and images.perturbation.active else None
-    key = json.dumps([weights, native_tile_size(encoder), getattr(encoder, "tile_mpp", None), pert, files,
-                      mpp, target_mpp])  # images' own pixel sizes and the scale they were cut at
+    key = json.dumps([weights, getattr(encoder, "precision", "fp32"), native_tile_size(encoder),
+                      getattr(encoder, "tile_mpp", None), pert, files, mpp, target_mpp])  # images' own pixel sizes and the scale they were cut at
     return cache_root() / "embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
 
 

@@ -310,7 +310,10 @@ class Handlers:
         yield shown, gallery, session, "", "done"
 
     def tiles_gallery(self, session: Session, attention: list[dict[str, Any]]) -> list:
-        rows = top_rows(attention, 6)
+        return self._crops(session, top_rows(attention, 6))
+
+    def _crops(self, session: Session, rows: list[dict[str, Any]]) -> list:
+        """Gallery crops (image, caption) of tile rows ({slide, x, y, ...}) of the session's slides."""
         by_name = {s.name: s for s in session.slides}
         out = []
         for name in dict.fromkeys(r["slide"] for r in rows):
@@ -401,18 +404,8 @@ class Handlers:
         report = getattr(session, "report", None)
         if not choice or report is None:
             return []
-        rows = rep.evidence_rows(report, choice)
-        by_name = {s.name: s for s in session.slides}
-        out = []
-        for name in dict.fromkeys(r["slide"] for r in rows):
-            s = by_name.get(name)
-            prepared = self.cache.get(s.key) if s else None
-            if prepared is None:
-                continue
-            with rep_open(prepared.path) as slide:
-                out += [(im, f"{choice} - {cap.split(' w=')[0]}") for im, cap in viz.tile_crops(
-                    slide, [r for r in rows if r["slide"] == name], prepared.extent)]
-        return out
+        crops = self._crops(session, rep.evidence_rows(report, choice))
+        return [(im, f"{choice} - {cap.split(' w=')[0]}") for im, cap in crops]
 
 
 def _threshold(text: float | str | None) -> float | None:
