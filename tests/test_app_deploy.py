@@ -253,7 +253,8 @@ def test_two_logins_never_see_each_other(shared_app, tmp_path):
     # the API offers no endpoint that returns the state, and the viewer's internal events are private
     api = alice.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert set(api) == {"/open", "/open_example", "/switch", "/ask", "/clear", "/zeroshot", "/ancillary",
-                        "/report_colorectal_resection", "/report_colorectal_biopsy", "/report_lymphoma"}
+                        "/report_colorectal_resection", "/report_colorectal_biopsy", "/report_lymphoma",
+                        "/field_tiles"}
     audit = [json.loads(x) for x in (base / "audit.jsonl").read_text().splitlines()]
     assert {r["user"] for r in audit} == {"alice", "bob"}
     assert not any("alice asks" in json.dumps(r) for r in audit)
