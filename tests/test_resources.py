@@ -82,7 +82,7 @@ def test_zero_shot_by_prompt_name():
     assert clf.prompt_set.names == load_prompts("crc_tissue").names
     assert clf.prompt_set.source == str(resource_file("prompts", "crc_tissue"))
     assert clf.class_embeddings.shape[0] == len(clf.prompt_set.names)
-    with pytest.raises(ConfigError, match="known: crc_tissue, lymphoma"):
+    with pytest.raises(ConfigError, match="known: crc_tissue, lymph_node_metastasis, lymphoma"):
         ZeroShotClassifier(encoder, prompts="crc")
 
 
