@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from pathvlm.chat.assistant import Reply
 from pathvlm.chat.router import Route
@@ -20,16 +19,8 @@ from pathvlm.eval.chat_eval import (
     fact_expectations,
     run_chat_eval,
 )
-from pathvlm.model import ModelConfig, build_model
+from tests.test_chat import model  # noqa: F401  (the tiny random chat model fixture)
 from tests.test_data_builders import LYMPHOMA_YAML, _index
-from tests.test_vlm import TINY_LLM
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_model(ModelConfig(encoder="openclip:pathvlm-tiny", n_tokens=4, hidden_dim=32, llm_config=TINY_LLM,
-                                   max_case_tokens=8, tile_mpp=4.0, tile_size=64))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def val_file(tmp_path_factory):
     return tmp / "out" / "instruct_val.jsonl"
 
 
-def test_eval_chat_scores_every_type_and_writes_its_files(model, val_file, tmp_path):
+def test_eval_chat_scores_every_type_and_writes_its_files(model, val_file, tmp_path):  # noqa: F811 (fixture)
     cfg = ChatEvalConfig(per_type=3, cases=(), max_new_tokens=4, n_boot=50)
     result = run_chat_eval(model, [str(val_file)], cfg, {"model": "tiny"}, tmp_path / "chat.json")
     per = result["per_type"]
@@ -59,7 +50,7 @@ def test_eval_chat_scores_every_type_and_writes_its_files(model, val_file, tmp_p
     assert len(answers) == result["n"] and all("ok" in a for a in answers)
 
 
-def test_checks_fail_wrong_answers(model, val_file):
+def test_checks_fail_wrong_answers(model, val_file):  # noqa: F811 (fixture)
     facts = dlg.CaseFacts([dlg.SlideFact("A1"), dlg.SlideFact("A2", "IHC:CD5", "A")],
                           [dlg.ResultFact("IHC", "CD5", "positive")])
     assert fact_expectations("immunostain", facts, None, None) == ["A2"]
