@@ -530,11 +530,11 @@ def _complete_by_record(
 def encoder_tile_scale(encoder: Any, mpp: float | None = None,
                        size: int | None = None) -> tuple[float, int]:
     """(um/px, tile px) to cut slides at: what was asked, else the scale the encoder was trained
-    at (``tile_mpp``; foundation encoders also carry ``tile_size``), else 0.5 um/px and its input."""
-    from pathvlm.encoders import input_size
+    at (``tile_mpp``, ``tile_size``: `native_tile_size`), else 0.5 um/px and its input."""
+    from pathvlm.encoders import native_tile_size
 
     return (float(mpp or getattr(encoder, "tile_mpp", None) or DEFAULT_TILE_MPP),
-            int(size or getattr(encoder, "tile_size", None) or input_size(encoder)))
+            int(size or native_tile_size(encoder)))
 
 
 def embed_slides(
