@@ -16,6 +16,10 @@ from pathvlm.stain import LabReference, hed_jitter, reinhard
 from pathvlm.train.config import AugmentConfig
 
 
+RESAMPLE_FILTERS = (Image.Resampling.BOX, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC,
+                    Image.Resampling.LANCZOS)
+
+
 class TrainTransform:
     """PIL image -> normalised [3, size, size] tensor with crop, flips, 90° turns and stain jitter."""
 
@@ -37,7 +41,13 @@ class TrainTransform:
         side = max(1, round(min(w, h, side)))  # square crops: tiles have no preferred aspect
         x = int(rng.integers(0, w - side + 1))
         y = int(rng.integers(0, h - side + 1))
-        return image.resize((self.size, self.size), Image.BICUBIC, box=(x, y, x + side, y + side))
+        box = (x, y, x + side, y + side)
+        if self.cfg.resample > 0 and rng.random() < self.cfg.resample:
+            # a detour through a lower resolution, as a resampled or thumbnailed image has taken
+            low = max(8, round(side * rng.uniform(self.cfg.resample_min, 1.0)))
+            image = image.resize((low, low), RESAMPLE_FILTERS[int(rng.integers(len(RESAMPLE_FILTERS)))], box=box)
+            box = None
+        return image.resize((self.size, self.size), Image.BICUBIC, box=box)
 
     def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
         rng = np.random.default_rng(seed)

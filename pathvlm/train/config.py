@@ -63,6 +63,12 @@ class AugmentConfig:
     # fitted template itself, i.e. plain Reinhard normalisation as at inference)
     randstain: float = 0.0
     grayscale: float = 0.0  # probability of replacing a crop by its luminance (colour-blind view)
+    # probability of passing a crop through a lower resolution first: shrunk to U(resample_min, 1)
+    # of its side with a random filter, then resized to the input. Inference resamples too (a
+    # 0.5 um/px image is shrunk to the tile scale and enlarged to the input; JPEG or screenshot
+    # thumbnails are already soft), so the embedding must not hinge on the finest pixels
+    resample: float = 0.0
+    resample_min: float = 0.5
 
 
 @dataclass
