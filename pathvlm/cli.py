@@ -399,6 +399,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     vqa.add_argument("--n-orders", type=int, default=3, help="option orders per multiple-choice question")
     vqa.add_argument("--max-new-tokens", type=int, default=40)
     vqa.add_argument("--limit", type=int, help="only the first N images")
+    vqa.add_argument("--llm-only", action="store_true",
+                     help="every question to the LLM (default: as the chat answers, closed questions "
+                          "about scored classes decided by the scores)")
     vqa.set_defaults(func=_cmd_eval_vqa)
     _add_eval_report(tasks)
     _add_eval_chat(tasks)
@@ -453,7 +456,7 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     cfg = VQAConfig(prompts=args.prompts, split=args.split, n_orders=args.n_orders,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
                     resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter,
-                    mpp=args.mpp)
+                    mpp=args.mpp, route=not args.llm_only)
     model = load_eval_model(args.model, precision=args.precision or "auto")
     _print_eval(run_vqa_eval(model.model, args.data, cfg, model.info(), args.json_out))
     return 0

@@ -153,13 +153,14 @@ def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path
             rows.append((f"few-shot k={k} {short} (mean of seeds)", _ci(r), f"{r['accuracy']:.3f}"))
         if skip_llm or not vqa:
             continue
-        js = out / f"vqa_{short}.json"
-        _pathvlm(["eval", "vqa", "--model", model, "--data", index, "--split", "val",
-                  "--prompts", prompts, "--json", str(js)])
-        r = json.loads(js.read_text())
-        rows.append((f"VQA {short}: accuracy (MC / yes-no); option-order consistency",
-                     f"{r['accuracy']:.3f} ({r['mc_accuracy']:.3f} / {r['yesno_accuracy']:.3f})",
-                     f"{r['option_order_consistency']:.3f}"))
+        for suffix, flag, how in (("", [], "chat"), ("_llm", ["--llm-only"], "LLM only")):
+            js = out / f"vqa_{short}{suffix}.json"
+            _pathvlm(["eval", "vqa", "--model", model, "--data", index, "--split", "val",
+                      "--prompts", prompts, "--json", str(js), *flag])
+            r = json.loads(js.read_text())
+            rows.append((f"VQA {short} ({how}): accuracy (MC / yes-no); option-order consistency",
+                         f"{r['accuracy']:.3f} ({r['mc_accuracy']:.3f} / {r['yesno_accuracy']:.3f})",
+                         f"{r['option_order_consistency']:.3f}"))
     if not skip_llm:
         js = out / "report_lymphoma.json"
         _pathvlm(["eval", "report", "--type", "lymphoma", "--model", model, "--data",

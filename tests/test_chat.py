@@ -163,6 +163,43 @@ def test_follow_ups_read_the_same_differential(model, images):
     assert assistant.reply(images[2], "Why not a unicorn?", history).text.startswith("unicorn is not among")
 
 
+def test_closed_questions_about_scored_classes_follow_the_scores_in_any_option_order(model, images, monkeypatch):
+    from pathvlm.data.questions import mc_question, parse_choice, parse_yesno, yesno_question
+
+    _no_llm(monkeypatch, model)  # decided by the scores: the LLM is never asked
+    assistant = ChatAssistant(model)
+    for image in images[:2]:
+        ranked = assistant.reply(image, "What is the most likely diagnosis of this lymphoma?").differential
+        prob = dict(ranked)
+        entities = [e for e, _ in ranked[:4]][::-1]  # the best last
+        best = max(entities, key=lambda e: prob[e])
+        picks = set()
+        for shift in range(len(entities)):  # every option order names the same entity
+            options = entities[shift:] + entities[:shift]
+            answer = model.ask(image, mc_question(options))
+            i = parse_choice(answer, options)
+            assert answer == f"{options[i]} ({'ABCD'[i]}).", answer
+            picks.add(options[i])
+        assert picks == {best}
+        top = ranked[0][0]
+        assert parse_yesno(model.ask(image, yesno_question(top))) is True
+        other = next(e for e in entities if e != top)
+        no = model.ask(image, yesno_question(other))
+        assert parse_yesno(no) is False and no.startswith(f"The image shows {top}")
+    # colorectal tissue options (prompt-set names) are scored by the tissue head
+    tissue = ["adipose tissue", "mucus", "smooth muscle", "colorectal adenocarcinoma epithelium"]
+    reply = assistant.reply(images[0], mc_question(tissue))
+    assert reply.domain == "tissue" and reply.route.detail == "scores"
+    prob = dict(reply.differential)
+    keys = ["ADI", "MUC", "MUS", "TUM"]
+    assert reply.text.startswith(tissue[max(range(4), key=lambda i: prob[keys[i]])])
+
+
+def test_closed_questions_about_anything_else_go_to_the_model(model, images):
+    assert model.chat.reply(images[0], "Is there necrosis? Answer yes or no.").text is None
+    assert model.chat.reply(images[0], "Which is present?\nA. mitoses\nB. granulomas").text is None
+
+
 def test_describe_goes_to_the_model_and_streams(model, images):
     pieces = list(model.stream(images[3], ISSUE["describe"], max_new_tokens=6, min_new_tokens=6))
     assert len(pieces) >= 1 and model.last_attention  # the slide was looked at

@@ -209,6 +209,11 @@ def test_vqa_eval_oracle_and_position_biased(tmp_path):
     biased = run_vqa_eval(AlwaysA(), tmp_path / "d", VQAConfig(n_orders=2), {"model": "a"})
     assert biased["option_order_consistency"] == 0.0
     assert biased["mc_accuracy"] == 0.5 and biased["yesno_accuracy"] == 0.5
+    assert all("route" not in g for g in oracle.calls) and res["answered_by"].startswith("chat")
+    llm = OracleChat()  # --llm-only: every question reaches the LLM (the chat's routing is off)
+    alone = run_vqa_eval(llm, tmp_path / "d", VQAConfig(n_orders=2, route=False), {"model": "oracle"})
+    assert all(g["route"] is False for g in llm.calls) and alone["answered_by"].startswith("LLM only")
+    assert "route" not in alone["decoding"]
 
 
 def test_training_monitor_reads_closed_answers_like_eval_vqa():

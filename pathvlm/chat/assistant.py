@@ -6,7 +6,11 @@
 - classify and follow-ups read the differential the report reads (`morphologic_differential`
   of a lymphoma draft from the same input and case), so the chat's top entity is the report's;
 - next steps come from the marker rules for the current top two entities;
-- describe, region, adequacy, closed and other questions go to the model (`Reply.text` None).
+- closed questions (multiple choice, yes/no) whose options are classes the model scores are
+  decided by those scores, in the trained answer form (name, then letter or yes/no), so a
+  closed answer never contradicts the differential and does not depend on the option order;
+- describe, region, adequacy and other questions (and closed ones about anything else) go to
+  the model (`Reply.text` None).
 """
 
 from __future__ import annotations
@@ -128,10 +132,11 @@ class ChatAssistant:
     # -- scores -----------------------------------------------------------------------------
     def scores(self, input: Any, case: Any = None, question: str = "",
                history: list[dict[str, str]] | None = None,
-               mpp: float | None = None) -> tuple[str, list[tuple[str, float]]]:
+               mpp: float | None = None, domain: str | None = None) -> tuple[str, list[tuple[str, float]]]:
         """(domain, ranked (name, probability)): the lymphoma report's morphologic differential
         for the same input and case, or the colorectal tissue head of `pathvlm.scoring`. Empty
-        when the model cannot score images (no text tower)."""
+        when the model cannot score images (no text tower). ``domain`` ("lymphoma"/"tissue")
+        overrides the one the question, the case and the scores decide."""
         from pathvlm.model.inputs import resolve_inputs, scale_notes
         from pathvlm.scoring import get_scorer
         from pathvlm.slide import TileConfig
@@ -158,7 +163,7 @@ class ChatAssistant:
         scored: list[Any] = []
         # a follow-up stays in the domain of the conversation it follows
         said = " ".join([question, *(t.get("content", "") for t in history or ())])
-        domain = self._domain(said, real, case)
+        domain = domain or self._domain(said, real, case)
         if domain == "auto":
             scored = scorer.score_slides(slides)
             domain = "lymphoma" if self._tissue(scored)[:1] and self._tissue(scored)[0][0] in LYMPHOID_TISSUE \
@@ -233,6 +238,54 @@ class ChatAssistant:
                 return k
         return None
 
+    @cached_property
+    def _tissue_names(self) -> dict[str, str]:
+        """Folded names of the colorectal tissue classes (class file names, synonyms, prompt-set
+        names, keys) -> class key."""
+        from pathvlm.resources import resource_file
+        from pathvlm.zeroshot import make_prompt_set
+
+        out: dict[str, str] = {}
+        for info in load_class_set(resource_file("classes", "crc_tissue")).classes:
+            for name in (info.label, info.name, *info.synonyms):
+                out.setdefault(dlg._fold(name), info.label)
+        for key, names in make_prompt_set(resource_file("prompts", "crc_tissue")).classes.items():
+            for name in (key, *names):
+                out.setdefault(dlg._fold(name), key)
+        return out
+
+    def _option_key(self, text: str, domain: str) -> str | None:
+        if domain == "lymphoma":
+            return dlg.entity_of(text)
+        return self._tissue_names.get(dlg._fold(text))
+
+    def _closed(self, input: Any, question: str, history: list[dict[str, str]] | None, case: Any,
+                mpp: float | None) -> Reply | None:
+        """A multiple-choice or yes/no question about classes the model scores, decided by the
+        scores; None when its options are not such classes (the LLM answers it)."""
+        from pathvlm.data.questions import closed_options, mc_answer, yesno_answer, yesno_subject
+
+        options = closed_options(question)
+        subject = None if options else yesno_subject(question)
+        asked = options or ([subject] if subject else [])
+        for domain in ("tissue", "lymphoma"):
+            keys = [self._option_key(a, domain) for a in asked]
+            if keys and all(keys) and len(set(keys)) == len(keys):
+                break
+        else:
+            return None
+        domain, ranked = self.scores(input, case, question, history, mpp, domain=domain)
+        prob = dict(ranked)
+        if not ranked or any(k not in prob for k in keys):
+            return None
+        if options:
+            best = max(range(len(options)), key=lambda i: prob[keys[i]])
+            text = mc_answer(options[best], best)
+        else:
+            top = ranked[0][0]
+            text = yesno_answer(subject if keys[0] == top else self._name(top, domain), subject)
+        return Reply(Route("closed", "scores"), text, domain=domain, differential=ranked)
+
     def _why_not(self, asked: str, domain: str, ranked: list[tuple[str, float]]) -> str:
         keys = [k for k, _ in ranked]
         key = self._key_for(asked, domain, keys)
@@ -259,6 +312,8 @@ class ChatAssistant:
             return Reply(route, dlg.fact_answer(kind, facts, marker=route.marker, slide=route.slide))
         if route.kind == "out_of_scope":
             return Reply(route, dlg.refusal(route.detail or "clinical"))
+        if route.kind == "closed":
+            return self._closed(input, question, history, case, mpp) or Reply(route)
         if route.kind not in ("classify", "next_steps", "followup"):
             return Reply(route)
         domain, ranked = self.scores(input, case, question, history, mpp)

@@ -31,6 +31,44 @@ def yesno_question(name: str) -> str:
     return f"Does this image show {name}? Say what it shows, then answer yes or no."
 
 
+_MARK = re.compile(r"(?:^|(?<=[\s(]))([A-H])[.)]\s+")
+_ENDING = re.compile(r"\s+(?:answer|say|reply|respond|choose|pick)\b.*$", re.IGNORECASE | re.DOTALL)
+_YESNO = (
+    re.compile(r"\b(?:does|do) (?:this|the|these) (?:image|slide|tissue|field|section|tile|patch)e?s? "
+               r"(?:show|contain|represent)s?\s+(?:a |an |the )?(.+?)\s*\?", re.IGNORECASE),
+    re.compile(r"^\s*(?:is|are) (?:this|these|it|the tissue|the image)\s+(?:a |an |the )?(.+?)\s*\?", re.IGNORECASE),
+)
+
+
+def closed_options(question: str) -> list[str] | None:
+    """The options of a multiple-choice question, ``A) x. B) y.`` on one line (`mc_question`) or
+    ``A. x`` / ``A) x`` one per line, in order; None unless it lists A, B, ... (two at least)."""
+    marks = list(_MARK.finditer(question))
+    run: list[re.Match[str]] = []
+    for m in marks:  # the first run of letters A, B, C, ...
+        if m.group(1) == LETTERS[len(run)]:
+            run.append(m)
+    if len(run) < 2:
+        return None
+    options = []
+    for i, m in enumerate(run):
+        end = run[i + 1].start() if i + 1 < len(run) else len(question)
+        text = question[m.end(): end]
+        if i + 1 == len(run):
+            text = _ENDING.sub("", text.split("\n")[0])
+        options.append(text.strip().rstrip(".;,").strip())
+    return options if all(options) else None
+
+
+def yesno_subject(question: str) -> str | None:
+    """What a yes/no question asks about (``Does this image show X? ...`` -> X), or None."""
+    for rx in _YESNO:
+        m = rx.search(question)
+        if m:
+            return m.group(1).strip(" .")
+    return None
+
+
 def mc_answer(name: str, index: int) -> str:
     """The trained answer to a multiple-choice question: the option's name, then its letter."""
     return f"{name} ({LETTERS[index]})."

@@ -52,6 +52,10 @@ class VQAConfig:
     stain_jitter: float = 0.0
     mpp: float | None = None  # um/px of images without their own (CSV 'mpp' column wins)
     decoding: dict[str, Any] = field(default_factory=dict)  # extra generation kwargs
+    # False: every question goes to the LLM (``ask(..., route=False)``), measuring the language
+    # model alone; True: as the chat answers (closed questions about scored classes decided by
+    # the scores, the rest by the LLM)
+    route: bool = True
 
 
 def run_vqa_eval(
@@ -80,6 +84,8 @@ def run_vqa_eval(
     if len(labels) < 2:
         raise ConfigError(f"{data_source}: VQA needs at least two classes, found {labels}")
     gen = {"do_sample": False, "max_new_tokens": cfg.max_new_tokens, **cfg.decoding}
+    if not cfg.route:
+        gen["route"] = False
     rng = np.random.default_rng(cfg.seed)
     images = ImageSequence(
         data.paths, Perturbation(cfg.resize_mpp_factor, cfg.stain_jitter, cfg.seed)
@@ -142,7 +148,9 @@ def run_vqa_eval(
         "n_questions": len(all_correct),
         **scale_summary(data.paths, mpps, tile_scale(model)),
         "n_orders": n_orders,
-        "decoding": gen,
+        "answered_by": "chat (closed questions about scored classes: the scores; others: the LLM)"
+        if cfg.route else "LLM only (route=False)",
+        "decoding": {k: v for k, v in gen.items() if k != "route"},
         "prompts": {
             "class_names": names,
             "mc_template": mc_question(["<option>", "..."]),
