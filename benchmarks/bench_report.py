@@ -4,7 +4,8 @@ a 4-slide case; a cold `pathvlm report` call against a cold `pathvlm ask`; and N
 
     .venv/bin/python benchmarks/bench_report.py [--model demo] [--n-batch 18] [--quick]
 
-Needs the real data (../shared/data or $PATHVLM_DATA): lymphoma_nia images and the wsi/ slides.
+Needs the real data (../shared/data or $PATHVLM_DATA): lymphoma_nia images, a PCam val patch (the
+case's lymph node, given with its 0.97 um/px) and the wsi/ slides.
 Warm figures: median of 3 drafts in one process after one warm-up draft; "peak RSS" is the
 process high-water mark during the draft (kernel VmHWM, reset just before; Linux). Cold figures:
 wall time and peak RSS (wait4 ru_maxrss) of a fresh interpreter.
@@ -78,8 +79,10 @@ def main() -> None:
         raise SystemExit("real data not found: set PATHVLM_DATA or place it in ../shared/data")
     images = sorted((data / "lymphoma_nia").glob("*/*.png"))
     wsi = data / "wsi"
-    slides = [wsi / "CMU-1-Small-Region.svs", wsi / "CMU-1-Small-Region-pyramid.tiff",
-              wsi / "camelyon16_lymph_node.dcm"]
+    # the lymph node: a real PCam H&E patch at its own scale (the DICOM fixture is a 29 um/px
+    # overview, too coarse for the tile scale)
+    node = next(iter(sorted((data / "pcam" / "val" / "tumor").glob("*.jpg"))), data / "pcam" / "val" / "tumor")
+    slides = [wsi / "CMU-1-Small-Region.svs", wsi / "CMU-1-Small-Region-pyramid.tiff", node]
     missing = [str(p) for p in slides if not p.is_file()] + ([] if images else ["lymphoma_nia"])
     if missing:
         raise SystemExit(f"missing data: {', '.join(missing)}")
@@ -88,7 +91,7 @@ def main() -> None:
     case.write_text(yaml.safe_dump({"id": "bench-4-slides", "slides": [
         {"path": str(slides[0]), "stain": "H&E", "part": "A", "role": "tumor"},
         {"path": str(slides[1]), "stain": "H&E", "part": "B", "role": "margin"},
-        {"path": str(slides[2]), "stain": "H&E", "part": "C", "role": "lymph_node"},
+        {"path": str(slides[2]), "stain": "H&E", "part": "C", "role": "lymph_node", "mpp": 0.97},
         {"path": str(images[0]), "stain": "IHC:CD20", "part": "D"}]}))
     print(f"# bench_report ({os.cpu_count()} CPUs, torch threads from OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')})")

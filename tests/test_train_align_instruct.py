@@ -183,7 +183,7 @@ def test_instruct_trains_lora_and_projector_only(instruct_run, align_run):
 def test_instruct_adapter_loads_back_with_same_generation(instruct_run, align_run, data):
     from peft import LoraConfig, get_peft_model
 
-    loaded = load_model(instruct_run)
+    loaded = load_model(instruct_run, merge_lora=False)
     assert type(loaded.llm).__name__.startswith("PeftModel")
     # rebuild the trained model from the last checkpoint, independently of save_pretrained
     ref = load_model(align_run)
@@ -203,6 +203,17 @@ def test_instruct_adapter_loads_back_with_same_generation(instruct_run, align_ru
         with loaded.llm.disable_adapter():
             without = loaded.llm(inputs_embeds=ids).logits
     assert not torch.allclose(with_adapter, without)  # the adapter is really applied
+    # the default load folds the adapter into the LLM for inference: the same answers, faster
+    merged = load_model(instruct_run)
+    assert merged.lora_merged and not hasattr(merged.llm, "peft_config")
+    with torch.no_grad():
+        assert torch.allclose(merged.llm(inputs_embeds=merged.prepare(data / "t0.png", question)).logits,
+                              with_adapter, atol=1e-4)
+    assert torch.equal(merged.generate_ids(data / "t0.png", question, **gen),
+                       loaded.generate_ids(data / "t0.png", question, **gen))
+    with pytest.raises(ModelError, match="merge_lora=False"):  # never saved without its adapter
+        merged.save_pretrained(instruct_run.parent / "merged_copy")
+    assert not (instruct_run.parent / "merged_copy").exists()
 
 
 def test_instruct_bad_target_module_is_one_line_error(align_run, data, tmp_path, capsys):

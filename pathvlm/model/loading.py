@@ -52,6 +52,9 @@ def save_model_dir(model: Any, out_dir: Path) -> Path:
 
     from pathvlm.config import save_config
 
+    if getattr(model, "lora_merged", False):
+        raise ModelError(f"cannot save to {out_dir}: this model's LoRA adapter was merged into the LLM "
+                         "for inference; load it with load_model(..., merge_lora=False) to save or train it")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(model.cfg, out_dir)
     for part in _PARTS:
@@ -79,7 +82,7 @@ def save_model_dir(model: Any, out_dir: Path) -> Path:
     return out_dir
 
 
-def _load_run_dir(run: Path) -> Any:
+def _load_run_dir(run: Path, merge_lora: bool = True) -> Any:
     from pathvlm.config import load_config
     from pathvlm.model.vlm import ModelConfig, build_model
 
@@ -113,6 +116,11 @@ def _load_run_dir(run: Path) -> Any:
         from peft import PeftModel
 
         vlm.llm = PeftModel.from_pretrained(vlm.llm, str(run / "adapter"))
+        if merge_lora:
+            # for inference: W + BA folded into one matrix (fp32, before any precision cast), so
+            # decoding runs the plain LLM's layers instead of three matmuls per adapted layer
+            vlm.llm = vlm.llm.merge_and_unload()
+            vlm.lora_merged = True
     vlm.run_dir = run
     vlm.calibration = _load_calibration(run)
     vlm.weights_hash = hash_weight_files(run)  # what reports and run dirs record as provenance
@@ -130,11 +138,13 @@ def _load_calibration(run: Path) -> Any:
     return load_calibration(path)
 
 
-def load_model(name_or_dir: str | Path, precision: str = "fp32") -> Any:
+def load_model(name_or_dir: str | Path, precision: str = "fp32", merge_lora: bool = True) -> Any:
     """A PathVLM from a run directory or a registered name (see ``list_models``).
 
     ``precision``: ``fp32`` (default; what training starts from), or ``auto``/``bf16``/``fp16``
-    for inference (`PathVLM.set_precision`).
+    for inference (`PathVLM.set_precision`). ``merge_lora``: fold a LoRA adapter into the LLM's
+    weights (faster decoding; the model can then not be saved or trained further); False keeps
+    the peft adapter, as training stages load it.
     """
     key = str(name_or_dir)
     run = _MODELS.get(key, Path(key).expanduser())
@@ -145,4 +155,4 @@ def load_model(name_or_dir: str | Path, precision: str = "fp32") -> Any:
         raise ModelError(f"{key}: not a run directory or a registered model ({', '.join(list_models())})")
     if not (run / "config.yaml").is_file():
         raise ModelError(f"{run}: not a model run directory (no config.yaml)")
-    return _load_run_dir(run).set_precision(precision)
+    return _load_run_dir(run, merge_lora).set_precision(precision)

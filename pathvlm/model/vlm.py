@@ -84,6 +84,7 @@ class PathVLM(nn.Module):
         self.run_dir: Path | None = None  # set by load_model
         self.calibration: Any = None  # pathvlm.calibration.Calibration from calibration.json
         self.precision = "fp32"  # of the encoder's image tower and the LLM; see set_precision
+        self.lora_merged = False  # load_model folded a LoRA adapter into the LLM (inference only)
         self.last_notes: list[str] = []  # what the last call assumed (e.g. an image's pixel size)
 
     def set_precision(self, precision: str) -> PathVLM:
