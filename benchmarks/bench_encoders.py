@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # (family label, registered encoder): one representative per ViT size
 MODELS = [
-    ("demo (ViT 192x6, 112 px)", "pathvlm-demo"),
+    ("demo (EfficientNet-Lite0, 224 px)", "pathvlm-demo"),
     ("ViT-S/16", "kaiko-vits16"),
     ("ViT-B/16", "kaiko-vitb16"),
     ("ViT-L/16", "uni"),
