@@ -82,3 +82,15 @@ def test_save_config_round_trips_and_writes_meta(tmp_path):
 
 def test_exponent_without_dot_is_a_float():
     assert load_config(RunConfig, None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
+def test_bare_yaml_no_reads_as_the_literal_no(tmp_path):
+    from pathvlm.train.config import TrainConfig
+
+    (tmp_path / "c.yaml").write_text("mixed_precision: no\n")
+    from pathvlm.config import load_config
+
+    cfg = load_config(TrainConfig, tmp_path / "c.yaml", [])
+    assert cfg.mixed_precision == "no"
+    cfg = load_config(TrainConfig, None, ["mixed_precision=no"])
+    assert cfg.mixed_precision == "no"
