@@ -85,7 +85,7 @@ def _pcam_index(data: Path, out: Path) -> Path:
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "split"])
-        writer.writerows([str(data / "pcam" / r["path"]), r["label"], r["split"]] for r in keep)
+        writer.writerows([str((data / "pcam" / r["path"]).resolve()), r["label"], r["split"]] for r in keep)
     return path
 
 
