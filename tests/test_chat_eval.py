@@ -70,3 +70,20 @@ def test_checks_fail_wrong_answers(model, val_file):  # noqa: F811 (fixture)
     other = next(e for e, _ in reply.differential[1:])
     wrong = Reply(reply.route, domain="lymphoma", differential=[(other, 0.9)])
     assert not check(item, f"Most consistent with {other}.", wrong, ref, model)["ok"]
+
+
+def test_adequacy_check_reads_the_verdict_and_catches_another_entity(model, val_file):  # noqa: F811
+    ref = Reference(model)
+    image = json.loads(val_file.read_text().splitlines()[0])["image"]
+    item = Item("adequacy", None, image, "Is the sample adequate?", meta={"adequacy": "Adequate"})
+    route = Route("adequacy")
+    domain = model.chat.scores(image, None, item.question)[0]
+    ranked = ref.ranked(item, domain)
+    top, other = ranked[0][0], ranked[1][0]
+    trained = dlg.adequacy_answer("Adequate", top, None, {})  # "Adequate for a morphologic impression: ..."
+    assert check(item, trained, Reply(route, trained), ref, model)["ok"]
+    wrong_entity = dlg.adequacy_answer("Adequate", other, None, {})
+    result = check(item, wrong_entity, Reply(route, wrong_entity), ref, model)
+    assert result["form"] and result["contradicts"] and not result["ok"]
+    limited = dlg.adequacy_answer("Limited", top, None, {})
+    assert not check(item, limited, Reply(route, limited), ref, model)["ok"]

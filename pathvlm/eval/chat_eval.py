@@ -58,9 +58,10 @@ PARAPHRASES: dict[str, dict[str, tuple[str, ...]]] = {
     "classify": {"": ("What's your diagnosis?", "What is the most likely entity here?")},
 }
 REFUSAL = re.compile(r"\b(can't|cannot|can not|unable to|not able to) answer\b", re.IGNORECASE)
+ADEQUACY = re.compile(r"(Adequate|Limited|Inadequate)\b")  # the leading verdict of an adequacy answer
 # a claim of what the field is ("most consistent with X"), as opposed to describing cells in words
 CLAIM = re.compile(r"(?:consistent with|most likely|suggestive of|diagnosis of|diagnostic of|in keeping with|"
-                   r"the image shows|this is|represents)\s+(?:an?\s+)?([^.;,]+)", re.IGNORECASE)
+                   r"the (?:image|field) shows|this is|represents)\s+(?:an?\s+)?([^.;,]+)", re.IGNORECASE)
 OOS_NAMES = {"prognosis": "prognosis", "treatment": "treatment", "identity": "identity", "clinical": "clinical"}
 
 
@@ -250,7 +251,10 @@ def check(item: Item, answer: str, reply: Any, ref: Reference, model: Any) -> di
     if t == "out_of_scope":
         ok = bool(REFUSAL.search(answer)) and OOS_NAMES[item.kind or "clinical"] in answer.lower()
         return {"ok": ok}
-    domain = reply.domain if reply.domain in ("lymphoma", "tissue") else "tissue"
+    domain = reply.domain
+    if domain not in ("lymphoma", "tissue"):  # LLM-answered types carry none: the chat's own pick
+        domain = model.chat.scores(item.input, item.case, item.question)[0]
+    domain = domain if domain in ("lymphoma", "tissue") else "tissue"
     ranked = ref.ranked(item, domain)
     names = _named(answer, _names(model, domain))
     top = ranked[0][0] if ranked else None
@@ -284,7 +288,8 @@ def check(item: Item, answer: str, reply: Any, ref: Reference, model: Any) -> di
         elif t == "region":
             form = answer.startswith("In the zoomed region")
         else:  # adequacy
-            form = answer.split(":")[0].strip() == (item.meta.get("adequacy") or "Adequate")
+            lead = ADEQUACY.match(answer)  # "Adequate for a morphologic impression: ...", "Limited: ..."
+            form = bool(lead) and lead.group(1) == (item.meta.get("adequacy") or "Adequate")
         out.update(ok=form and not contradicts, form=form, contradicts=contradicts)
     return out
 
