@@ -187,7 +187,7 @@ def choose_threshold(confidence: np.ndarray, correct: np.ndarray,
 def head_metrics(confidence: np.ndarray, correct: np.ndarray, threshold: float | None
                  ) -> dict[str, Any]:
     cov, acc, n = selective(confidence, correct, threshold)
-    return {"n": int(len(confidence)), "accuracy": float(np.mean(correct)) if len(correct) else None,
+    return {"n": len(confidence), "accuracy": float(np.mean(correct)) if len(correct) else None,
             "ece": ece(confidence, correct), "mean_confidence": float(np.mean(confidence))
             if len(confidence) else None, "coverage": cov, "selective_accuracy": acc,
             "n_filled": n}

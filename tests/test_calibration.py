@@ -22,8 +22,8 @@ from pathvlm.calibration import (
 )
 from pathvlm.errors import ConfigError
 from pathvlm.model import ModelConfig, build_model
-from pathvlm.scoring import HEADS, Scorer, differential, get_scorer, score
 from pathvlm.reports.tables import ENTITY_PANELS
+from pathvlm.scoring import HEADS, Scorer, differential, get_scorer, score
 
 TINY_LLM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}

@@ -8,9 +8,7 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -106,7 +104,7 @@ def test_rerun_of_a_finished_slide_skips_it_in_under_half_the_time(wsi_dir, tmp_
 
 
 def test_record_fast_path_only_trusts_unchanged_encoder_files(wsi_dir, tmp_path, monkeypatch):
-    import pathvlm.encoders as encoders
+    from pathvlm import encoders
 
     encoder, _ = create_encoder(TINY, device="cpu")
     encoder.save(tmp_path / "enc")

@@ -9,14 +9,14 @@ import re
 
 import pytest
 import torch
+from report_helpers import NOW
+from test_report_from_model import tiny_calibration, tiny_config
 
 from pathvlm.cli import main
 from pathvlm.model import build_model
 from pathvlm.reports import ImageFindings, Reason, SlideFindings, draft_report, render_report
-from pathvlm.reports.from_model import FindingsConfig, ReportDrafter
+from pathvlm.reports.from_model import ReportDrafter
 from pathvlm.reports.narrative import _entity_terms, _norm
-from report_helpers import NOW
-from test_report_from_model import tiny_calibration, tiny_config
 
 UNDETERMINED = Reason.cannot_be_determined_from_submitted_tissue.value
 

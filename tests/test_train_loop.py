@@ -100,7 +100,7 @@ def test_epoch_sampler_is_a_seeded_permutation():
 
 
 def test_mixed_precision_choice(monkeypatch):
-    import pathvlm.precision as precision
+    from pathvlm import precision
 
     monkeypatch.delenv(precision.ENV_VAR, raising=False)
     precision._auto.cache_clear()

@@ -27,11 +27,11 @@ from pathvlm.calibration import (
     HeadCalibration,
     choose_threshold,
     fit_platt,
-    fit_top_label_isotonic,
-    softmax,
     fit_temperature,
+    fit_top_label_isotonic,
     global_threshold,
     head_metrics,
+    softmax,
 )
 from pathvlm.errors import ConfigError
 from pathvlm.eval.datasets import load_csv

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pathvlm.eval.datasets import load_dataset
 from pathvlm.eval.common import scale_summary
+from pathvlm.eval.datasets import load_dataset
 from pathvlm.eval.report import write_report
 from pathvlm.reports.fields import Assess
 from pathvlm.reports.schemas import get_report_type

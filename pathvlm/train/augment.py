@@ -15,7 +15,6 @@ from PIL import Image
 from pathvlm.stain import LabReference, hed_jitter, reinhard
 from pathvlm.train.config import AugmentConfig
 
-
 RESAMPLE_FILTERS = (Image.Resampling.BOX, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC,
                     Image.Resampling.LANCZOS)
 
