@@ -236,3 +236,11 @@ def test_shipped_model_answers_the_issue_questions_in_their_own_form(shared_data
     assert steps.startswith(f"To separate {a} from {b}:")
     assert any(f"{m} (" in steps for m, _, _ in dlg.separating_tests(a, b))
     assert model.ask(case, ISSUE["facts"]) == "The immunostain or special stain is ihc (IHC:cyclin D1, part A)."
+
+
+def test_a_question_naming_colorectal_tissue_keeps_the_tissue_domain(model):
+    chat = model.chat
+    assert chat._domain("Which colorectal tissue category does this image show?", None, None) == "tissue"
+    assert chat._domain("What tissue type is this?", None, None) == "tissue"
+    assert chat._domain("Is this follicular lymphoma?", None, None) == "lymphoma"  # the entity wins
+    assert chat._domain("What do you see?", None, None) == "auto"  # else the scores decide

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 LYMPHOMA_WORDS = re.compile(r"lymphom|leuk[a]?emia|hodgkin|\b(cll|sll|fl|mcl|dlbcl|chl)\b",
                             re.IGNORECASE)
+# a question that asks for the colorectal tissue class keeps the tissue domain even on lymphoid tiles
+TISSUE_WORDS = re.compile(r"\b(colorectal|colonic|rectal)\b|\btissue (category|class|type)", re.IGNORECASE)
 LYMPHOID_TISSUE = ("LYM",)  # tissue classes whose fields call for the lymphoma differential
 
 
@@ -179,6 +181,8 @@ class ChatAssistant:
             return self.cfg.domain
         if LYMPHOMA_WORDS.search(question):
             return "lymphoma"
+        if TISSUE_WORDS.search(question):
+            return "tissue"
         facts = case if isinstance(case, dlg.CaseFacts) else dlg.CaseFacts.from_case(real) if real else None
         if facts is not None:
             from pathvlm.reports.ancillary import RULE_TARGETS
