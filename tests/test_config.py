@@ -88,8 +88,6 @@ def test_bare_yaml_no_reads_as_the_literal_no(tmp_path):
     from pathvlm.train.config import TrainConfig
 
     (tmp_path / "c.yaml").write_text("mixed_precision: no\n")
-    from pathvlm.config import load_config
-
     cfg = load_config(TrainConfig, tmp_path / "c.yaml", [])
     assert cfg.mixed_precision == "no"
     cfg = load_config(TrainConfig, None, ["mixed_precision=no"])
