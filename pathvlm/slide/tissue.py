@@ -20,8 +20,11 @@ class TissueConfig:
 
     Attributes:
         thumbnail_size: longest side of the thumbnail the mask is computed on.
-        thumbnail_mpp: if set, compute the mask at this um/px instead (capped at
-            `thumbnail_size`; ignored for slides without mpp).
+        thumbnail_mpp: compute the mask no finer than this um/px (capped at `thumbnail_size`;
+            ignored for slides without mpp; None = always `thumbnail_size`). A whole slide's
+            2048 px thumbnail is coarser than 2 um/px anyway; on small slides and crops the cap
+            keeps tissue detection from running at near-scan resolution (0.6 s -> 0.2 s on the
+            1.1 x 1.5 mm CMU-1-Small-Region, same 54 tiles).
         method: "otsu" (Otsu threshold on HSV saturation, never below `min_saturation`)
             or "fixed" (threshold = `min_saturation`).
         min_saturation: saturation floor in [0, 1]; glass and blank slides stay below it, so an
@@ -35,7 +38,7 @@ class TissueConfig:
     """
 
     thumbnail_size: int = 2048
-    thumbnail_mpp: float | None = None
+    thumbnail_mpp: float | None = 2.0
     method: Literal["otsu", "fixed"] = "otsu"
     min_saturation: float = 0.07
     min_value: float = 0.08
@@ -80,11 +83,12 @@ def _thumbnail_side(slide: Slide, cfg: TissueConfig) -> int:
 
 def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HSV saturation and value in [0, 1] of an RGB uint8 array [h, w, 3]."""
-    arr = rgb.astype(np.float32) / 255.0
-    vmax = arr.max(axis=2)
-    vmin = arr.min(axis=2)
-    sat = np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1e-6), 0.0)
-    return sat, vmax
+    # max / min on the uint8 channels first: one float plane each instead of three
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    vmax = np.maximum(np.maximum(r, g), b).astype(np.float32)
+    vmin = np.minimum(np.minimum(r, g), b).astype(np.float32)
+    sat = np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1e-6), np.float32(0.0))
+    return sat, vmax / 255.0
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
