@@ -152,7 +152,9 @@ def test_bf16_embeddings_match_fp32(name, crc_tiles):
         # EfficientNet-Lite0 (a CNN, ~50 conv layers each rounding its output) misses #20's 0.999
         # minimum: measured min 0.9983 here and 0.9970 (mean 0.9995) over all 42 CRC val tiles,
         # with no single layer to blame (keeping any one block, the stem or the head in fp32, or
-        # folding BatchNorm into the convs, moves the minimum by < 0.0005). The ViTs reach it.
+        # folding BatchNorm into the convs, moves the minimum by < 0.0005). The net is that
+        # sensitive in fp32 too: Gaussian input noise of 0.5/255 grey levels gives min 0.964.
+        # The ViTs reach it.
         assert cos.min() >= 0.997 and cos.mean() >= 0.999, f"{name}: cosine {cos.min():.5f}"
     else:
         assert cos.min() >= 0.999, f"{name}: min cosine {cos.min():.5f}"
