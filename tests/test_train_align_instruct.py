@@ -122,6 +122,34 @@ def test_render_masks_all_but_assistant_turns():
             render_conversation(tok, bad, [SlideSlot(None, None, None, 3)])
 
 
+def test_base_gemma_tokenizer_gets_gemma_turns_and_masks_like_an_instruct_one():
+    """A base Gemma (no chat template) is given Gemma's turn format: system text opens the first
+    user turn, only the model turns (with their <end_of_turn>) are learned, generation stops there."""
+    from types import SimpleNamespace
+
+    from pathvlm.model.llm import GEMMA_TEMPLATE, _with_template, ensure_chat_template, load_tokenizer
+
+    tok = load_tokenizer("smollm2")  # stands in for Gemma's: same API, offline
+    assert ensure_chat_template(tok, "llama").chat_template != GEMMA_TEMPLATE  # others untouched
+    tok.chat_template = None
+    tok.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)
+    model = SimpleNamespace(config=SimpleNamespace(model_type="gemma3_text"),
+                            generation_config=SimpleNamespace(eos_token_id=tok.eos_token_id))
+    _with_template(model, tok)
+    assert tok.chat_template == GEMMA_TEMPLATE
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert model.generation_config.eos_token_id == [tok.eos_token_id, eot]
+    add_slide_token(tok)
+    messages = [{"role": "user", "content": f"{SLIDE_TOKEN}\nWhat is it?"}, {"role": "assistant", "content": "Tumour."},
+                {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes, glands."}]
+    ids, labels = render_conversation(tok, messages, [SlideSlot(None, None, None, 3)], system_prompt="Be brief.")
+    kept = labels != -100
+    assert tok.decode(ids[kept]) == "Tumour.<end_of_turn>\nYes, glands.<end_of_turn>\n"
+    prompt = tok.decode(ids[~kept])
+    assert prompt.count("<start_of_turn>user\nBe brief.") == 1 and "<start_of_turn>model\n" in prompt
+    assert "system" not in prompt
+
+
 # -- align --------------------------------------------------------------------------------------
 
 def test_align_loss_decreases_and_run_loads(align_run, data):

