@@ -313,7 +313,7 @@ def global_threshold(heads: dict[str, tuple[np.ndarray, np.ndarray]],
     for t in cands:
         ok = True
         for conf, corr in heads.values():
-            cov, acc, n = selective(conf, corr, t)
+            _cov, acc, n = selective(conf, corr, t)
             if n and (n < min_support or acc < target):
                 ok = False
                 break

@@ -9,8 +9,8 @@ from PIL import Image
 from pathvlm.train.augment import TrainTransform
 from pathvlm.train.config import AugmentConfig
 
-PLAIN = dict(crop="native", native_min=1.0, native_max=1.0, flip=False, rot90=False, stain_jitter=0.0,
-             stain_bias=0.0, brightness=0.0)
+PLAIN = {"crop": "native", "native_min": 1.0, "native_max": 1.0, "flip": False, "rot90": False, "stain_jitter": 0.0,
+             "stain_bias": 0.0, "brightness": 0.0}
 
 
 def _detail(x: torch.Tensor) -> float:

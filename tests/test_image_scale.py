@@ -222,7 +222,7 @@ def test_app_open_takes_a_pixel_size_and_says_what_it_assumed(tiny_model, tmp_pa
 
     _noise(256, 128).save(tmp_path / "photo.png")
     h = Handlers(tiny_model, max_new_tokens=2)
-    session, info, _, _, status = h.open(str(tmp_path / "photo.png"), None, "H&E", Session())
+    session, _info, _, _, status = h.open(str(tmp_path / "photo.png"), None, "H&E", Session())
     assert "pixel size unknown for photo" in status and "assumed 2 um/px" in status
     assert len(h.active(session).bag) == 32  # 8 x 4 native 32 px tiles
     session, _, _, _, status = h.open(str(tmp_path / "photo.png"), None, "H&E", Session(), mpp=0.5)

@@ -80,7 +80,7 @@ def test_each_value_cites_its_own_tiles(model, ihc_png):
     support = found.slides[0].head_tiles["crc_tissue"]
     # the tiles cited for the top tissue class are tiles where that class leads
     crc = found.slides[0]
-    for cls, xy in support.items():
+    for cls in support:
         if crc.tissue_fractions.get(cls, 0) > 0:
             assert any(crc.tile_top[i][0] == cls for i in range(len(crc.tile_top))
                        ), cls
@@ -104,8 +104,8 @@ GOOD = ("Excisional biopsy. The morphologic differential favours chronic lymphoc
     # hallucinates an entity the differential does not hold
     (GOOD + " Diffuse large B-cell lymphoma cannot be excluded.", False),
     # repeats itself (the failure of the first demo: the same entity twice)
-    ("Chronic lymphocytic leukaemia 50%, follicular lymphoma 30%, chronic lymphocytic "
-     "leukaemia 50%.", False),
+    (("Chronic lymphocytic leukaemia 50%, follicular lymphoma 30%, chronic lymphocytic "
+     "leukaemia 50%."), False),
     # contradicts the fields: the number beside an entity is another entity's
     ("Most likely chronic lymphocytic leukaemia/small lymphocytic lymphoma 30%.", False),
     # mentions fields without a value

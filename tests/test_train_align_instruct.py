@@ -127,7 +127,12 @@ def test_base_gemma_tokenizer_gets_gemma_turns_and_masks_like_an_instruct_one():
     user turn, only the model turns (with their <end_of_turn>) are learned, generation stops there."""
     from types import SimpleNamespace
 
-    from pathvlm.model.llm import GEMMA_TEMPLATE, _with_template, ensure_chat_template, load_tokenizer
+    from pathvlm.model.llm import (
+        GEMMA_TEMPLATE,
+        _with_template,
+        ensure_chat_template,
+        load_tokenizer,
+    )
 
     tok = load_tokenizer("smollm2")  # stands in for Gemma's: same API, offline
     assert ensure_chat_template(tok, "llama").chat_template != GEMMA_TEMPLATE  # others untouched

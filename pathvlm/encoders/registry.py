@@ -352,7 +352,7 @@ def read_encoder_record(name: str) -> EncoderRecord | None:
     weights = _find_weights(folder)
     if weights is None or not (folder / CONFIG_NAME).is_file():
         return None
-    model_cfg, preprocess, meta = _read_config_file(folder / CONFIG_NAME)
+    _model_cfg, preprocess, meta = _read_config_file(folder / CONFIG_NAME)
     if not meta.get("weights_hash"):
         return None
     files = [folder / CONFIG_NAME, weights]

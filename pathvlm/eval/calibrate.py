@@ -274,10 +274,10 @@ def markdown_table(cal: Calibration) -> str:
         return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
     t = cal.min_confidence
-    lines = [f"Threshold in force (`min_confidence`): **{f(t)}**, chosen on val for selective "
-             f"precision {cal.target_precision:.2f}.", "",
-             "| head | n (val) | accuracy | ECE raw | ECE calibrated | coverage | selective acc. "
-             "| ECE cross-fit | coverage cross-fit | selective acc. cross-fit |",
+    lines = [(f"Threshold in force (`min_confidence`): **{f(t)}**, chosen on val for selective "
+             f"precision {cal.target_precision:.2f}."), "",
+             ("| head | n (val) | accuracy | ECE raw | ECE calibrated | coverage | selective acc. "
+             "| ECE cross-fit | coverage cross-fit | selective acc. cross-fit |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary_rows(cal):
         lines.append(f"| {r['head']} ({r['description']}) | {r['n']} | {f(r['accuracy'])} | "

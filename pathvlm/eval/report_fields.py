@@ -152,8 +152,8 @@ def markdown_table(result: dict[str, Any]) -> str:
 
     t = result.get("min_confidence")
     lines = [f"Threshold in force (`min_confidence`): {f(t)}.", "",
-             "| field (val set) | n | accuracy | coverage | selective accuracy | ECE | "
-             "cross-fit: coverage / selective acc. / ECE |", "|---|---|---|---|---|---|---|"]
+             ("| field (val set) | n | accuracy | coverage | selective accuracy | ECE | "
+             "cross-fit: coverage / selective acc. / ECE |"), "|---|---|---|---|---|---|---|"]
     for name, m in result["fields"].items():
         cf = m.get("cross_fit") or {}
         cross = (f"{f(cf.get('coverage'))} / {f(cf.get('selective_accuracy'))} / "
