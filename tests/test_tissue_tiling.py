@@ -140,6 +140,17 @@ def test_svs_tiles_at_half_micron(wsi_dir: Path) -> None:
     assert np.mean([t.mean() for t in tiles]) < 225  # stained tissue, not glass
 
 
+def test_small_slide_mask_is_no_finer_than_2_um_and_keeps_the_same_tiles(wsi_dir: Path) -> None:
+    """A 2048 px thumbnail of a 1.1 x 1.5 mm crop is 1.4 um/px (0.6 s of tissue detection, more
+    than the tiles' reading); the default caps it at 2 um/px with the same tiles kept."""
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as s:
+        fine = tile_slide(s, TileConfig(mpp=0.5, size=224), TissueConfig(thumbnail_mpp=None))
+        capped = tile_slide(s, TileConfig(mpp=0.5, size=224), TissueConfig())
+    assert fine.tissue.mask.shape == (2048, 1532)
+    assert capped.tissue.mask.shape == (740, 554)  # 2967 px * 0.499 um/px / 2 um/px
+    assert np.array_equal(fine.coords, capped.coords)
+
+
 def test_pyramid_tiff_tiles_from_coarser_level(wsi_dir: Path) -> None:
     with open_slide(wsi_dir / "CMU-1-Small-Region-pyramid.tiff") as s:
         grid = tile_slide(s, TileConfig(mpp=2.0, size=112), TissueConfig(thumbnail_size=1024))
