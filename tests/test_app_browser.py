@@ -41,6 +41,8 @@ def test_browser_upload_ask_report_screenshot(app_url, ihc_png, tmp_path):
         try:
             page = ctx.new_page()
             page.set_default_timeout(60_000)
+            # expect() has its own 5 s default; a loaded 2-core box can take longer to stream an answer
+            sync_api.expect.set_options(timeout=60_000)
             page.goto(app_url)
             page.locator("#upload input[type=file]").set_input_files(str(ihc_png))
             page.locator("#open").click()
