@@ -104,9 +104,9 @@ def write_mosaic_slide(src: Path, n: int, path: Path, tile: int = 512) -> Path:
                       subfiletype=0 if scale == 1 else 1)
             if max(level.shape[:2]) <= 2 * tile:
                 break
-            scale *= 4
-            size = (max(1, image.shape[1] // scale), max(1, image.shape[0] // scale))
-            level = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+            scale *= 4  # each level is a quarter of the one before, resized from it
+            size = (max(1, level.shape[1] // 4), max(1, level.shape[0] // 4))
+            level = np.asarray(Image.fromarray(level).resize(size, Image.Resampling.LANCZOS))
     return path
 
 

@@ -21,8 +21,7 @@ import sys
 from pathlib import Path
 
 CHILD = r"""
-import json, sys, time, torch
-from pathlib import Path
+import json, sys, time
 from pathvlm.model import load_model
 model_dir, image, n_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t = time.perf_counter(); model = load_model(model_dir); load_s = time.perf_counter() - t
@@ -61,12 +60,10 @@ def main() -> None:
         raise SystemExit("give one --chat file per --model")
     image = args.image
     if image is None:
-        root = Path(os.environ.get("PATHVLM_DATA") or os.environ.get("DATA") or "../shared/data") / "crc_tiles"
-        import csv
+        from pathvlm.data.builders import read_index
 
-        with (root / "index.csv").open() as fh:
-            row = next(r for r in csv.DictReader(fh) if r["split"] == "val")
-        image = root / row["path"]
+        root = Path(os.environ.get("PATHVLM_DATA") or os.environ.get("DATA") or "../shared/data") / "crc_tiles"
+        image = Path(next(r.image for r in read_index(root / "index.csv") if r.split == "val"))
     rows = [measure(m, image, args.new_tokens) for m in args.model]
     chats = [json.loads(Path(c).read_text()) for c in args.chat]
     types = sorted({t for c in chats for t in c["per_type"]})

