@@ -513,9 +513,11 @@ def _complete_by_record(
     tile_cfg = from_dict(TileConfig, {**cfg.tile, "mpp": mpp, "size": cfg.size or record.tile_size},
                          prefix="tile")
     newest = record.newest_mtime_ns()
-    from pathvlm.precision import resolve_precision
+    from pathvlm.precision import resolve_for
 
-    precision = resolve_precision(cfg.precision, cfg.device)  # what the encoder would run in
+    # what the encoder would run in (PatchEncoder.set_precision makes the same choice)
+    precision = resolve_for(cfg.precision, cfg.device, not record.reduced_precision_note, f"encoder {cfg.encoder}",
+                            record.reduced_precision_note)
     outs = []
     for slide_path in slides:
         out_path = out_dir / f"{slide_path.stem}.h5"

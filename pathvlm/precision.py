@@ -4,6 +4,8 @@
 it fast (a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16), else fp16 on CUDA, else fp32.
 ``PATHVLM_PRECISION`` overrides what ``auto`` (or no choice) means; an explicit choice wins.
 `cast_module` puts a module's weights in bf16/fp16 for inference while its unsafe layers stay fp32.
+`resolve_for` is `resolve_precision` for one model: ``auto`` keeps fp32 for a model whose
+reduced-precision outputs were measured unequal to fp32 (an explicit choice still gets it).
 """
 
 from __future__ import annotations
@@ -89,6 +91,32 @@ def resolve_precision(choice: str | None = "auto", device: str | torch.device | 
     if choice == "bf16" and device_type == "cpu" and not cpu_has_fast_bf16():
         log.warning("precision bf16 on a CPU without native bf16: correct but slower than fp32")
     return choice
+
+
+def is_explicit(choice: str | None) -> bool:
+    """Whether the user named a concrete precision, as an argument or in ``PATHVLM_PRECISION``."""
+    choice = (choice or "auto").lower()
+    if choice == "auto":
+        choice = (os.environ.get(ENV_VAR) or "auto").lower()
+    return choice != "auto"
+
+
+def resolve_for(choice: str | None, device: str | torch.device | None, reduced_ok: bool = True,
+                what: str = "model", why: str = "") -> str:
+    """`resolve_precision` for one model. When ``auto`` picks bf16/fp16 but the model's
+    reduced-precision outputs were measured unequal to fp32 (``reduced_ok`` False, ``why`` says
+    how), ``auto`` keeps fp32 and logs it; an explicit ``bf16``/``fp16`` (argument or
+    ``PATHVLM_PRECISION``) is still honoured, with a warning naming the measured difference."""
+    precision = resolve_precision(choice, device)
+    if precision == "fp32" or reduced_ok:
+        return precision
+    if is_explicit(choice):
+        log.warning("%s in %s as asked; its %s outputs are not equal to fp32: %s", what, precision,
+                    precision, why)
+        return precision
+    log.info("precision auto -> fp32 for %s (%s; pass --precision %s to trade that for speed)", what, why,
+             precision)
+    return "fp32"
 
 
 def dtype_of(precision: str) -> torch.dtype:

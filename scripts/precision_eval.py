@@ -1,7 +1,7 @@
 """bf16 vs fp32 on the validation splits: `pathvlm eval zeroshot` and `linear-probe`, same encoder.
 
     DATA=../shared/data python scripts/precision_eval.py --out runs/precision_eval \
-        [--encoder encoder:pathvlm-demo] [--precisions fp32,auto] [--tolerance 0.005]
+        [--encoder encoder:pathvlm-demo] [--precisions fp32,bf16] [--tolerance 0.005]
 
 Runs both evaluations through the CLI once per precision on the crc and lymphoma val splits
 (linear probe trained on train) and prints balanced accuracy side by side with the difference to
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         "PATHVLM_DATA", "../shared/data"))))
     parser.add_argument("--out", type=Path, default=Path("runs/precision_eval"))
     parser.add_argument("--encoder", default="encoder:pathvlm-demo")
-    parser.add_argument("--precisions", default="fp32,auto")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="first = reference; bf16 by name (auto keeps the demo CNN in fp32)")
     parser.add_argument("--tolerance", type=float, default=0.005)
     args = parser.parse_args(argv)
     if not (args.data / "crc_tiles" / "index.csv").is_file():

@@ -154,12 +154,33 @@ def test_bf16_embeddings_match_fp32(name, crc_tiles):
         # with no single layer to blame (keeping any one block, the stem or the head in fp32, or
         # folding BatchNorm into the convs, moves the minimum by < 0.0005). The net is that
         # sensitive in fp32 too: Gaussian input noise of 0.5/255 grey levels gives min 0.964.
-        # The ViTs reach it.
+        # The ViTs reach it. So `auto` keeps this trunk in fp32 (next test); bf16 only by name.
         assert cos.min() >= 0.997 and cos.mean() >= 0.999, f"{name}: cosine {cos.min():.5f}"
     else:
         assert cos.min() >= 0.999, f"{name}: min cosine {cos.min():.5f}"
     assert not torch.equal(low, ref)  # it really ran in bf16
     assert torch.equal(back, ref)  # and fp32 came back exactly
+
+
+def test_auto_keeps_an_encoder_unequal_in_bf16_at_fp32_unless_asked_by_name(hardware, monkeypatch):
+    from pathvlm.embed import EmbedConfig
+    from pathvlm.encoders import create_encoder
+    from pathvlm.encoders.registry import read_encoder_record
+
+    hardware(True)  # a CPU where auto means bf16
+    demo, _ = create_encoder("pathvlm-demo", device="cpu", vision_only=True, precision="auto")
+    assert demo.reduced_precision_note and demo.precision == "fp32"
+    vit, _ = create_encoder("openclip:pathvlm-tiny", device="cpu", precision="auto")
+    assert not vit.reduced_precision_note and vit.precision == "bf16"
+    assert demo.set_precision("bf16").precision == "bf16"  # by name: honoured (with a warning)
+    monkeypatch.setenv(precision.ENV_VAR, "bf16")
+    assert demo.set_precision("fp32").set_precision("auto").precision == "bf16"
+    monkeypatch.setenv(precision.ENV_VAR, "auto")
+    assert demo.set_precision("auto").precision == "fp32"
+    # the resume check reads the same choice from the saved config, without building the model
+    record = read_encoder_record("pathvlm-demo")
+    assert record.reduced_precision_note == demo.reduced_precision_note
+    assert precision.resolve_for(EmbedConfig().precision, "cpu", not record.reduced_precision_note) == "fp32"
 
 
 def test_create_encoder_precision_and_text_tower_stays_fp32():

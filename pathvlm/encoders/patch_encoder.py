@@ -27,6 +27,23 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 PACKAGE_TEXT_PREFIX = "text.transformer."
 
 
+# timm trunks whose bf16 embeddings miss #20's "equal to fp32" (min cosine >= 0.999 on real tiles):
+# EfficientNet-Lite0 (the demo encoder) reaches min 0.997 (mean 0.9995) on the 42 CRC val tiles,
+# flips 24 of 1,500 PCam val predictions, and no single layer kept in fp32 fixes it (its ~50
+# depthwise/pointwise convs each round their output; the net is as sensitive to half a grey
+# level of input noise). `auto` keeps these in fp32; the ViT families pass and run in bf16.
+REDUCED_PRECISION_UNEQUAL = {
+    "efficientnet": "EfficientNet bf16 embeddings: min cosine 0.997 to fp32 on real tiles (< 0.999), "
+                    "24 of 1,500 PCam val predictions change",
+}
+
+
+def reduced_precision_note(model_cfg: dict[str, Any]) -> str:
+    """Why this open_clip config's image tower is not equal to fp32 in bf16; "" when it is."""
+    trunk = str(model_cfg.get("vision_cfg", {}).get("timm_model_name") or "")
+    return next((note for key, note in REDUCED_PRECISION_UNEQUAL.items() if key in trunk), "")
+
+
 def build_clip(model_cfg: dict[str, Any], pretrained_text: bool) -> nn.Module:
     """Instantiate an open_clip CLIP / CustomTextCLIP from a model config dict (random vision init).
 
@@ -116,6 +133,7 @@ class PatchEncoder(nn.Module):
         self.tile_size: int | None = None
         self.random_weights = False
         self.precision = "fp32"  # of the image tower; see set_precision
+        self.reduced_precision_note = reduced_precision_note(self.model_cfg)  # "" where bf16 is equal
 
     def refresh_hash(self) -> str:
         """Recompute ``weights_hash`` from the weights and the stain reference (both change the
@@ -138,10 +156,13 @@ class PatchEncoder(nn.Module):
         text tower (it runs once per prompt set, not once per tile, so it gains nothing worth a
         rounding error). ``weights_hash`` stays the hash of the fp32 weights: feature files
         record their precision separately. Inference only; training keeps fp32 weights.
+        ``auto`` keeps fp32 for a trunk whose bf16 embeddings were measured unequal to fp32
+        (`reduced_precision_note`); asking for ``bf16`` by name still runs it in bf16.
         """
-        from pathvlm.precision import cast_module, resolve_precision
+        from pathvlm.precision import cast_module, resolve_for
 
-        precision = resolve_precision(precision, self.device)
+        precision = resolve_for(precision, self.device, not self.reduced_precision_note,
+                                f"encoder {self.name}", self.reduced_precision_note)
         if precision != self.precision:
             cast_module(self.model.visual, precision, keep_fp32=("logit_scale",))
             self.precision = precision

@@ -31,6 +31,7 @@ from pathvlm.encoders.patch_encoder import (
     WEIGHTS_NAME,
     PatchEncoder,
     build_clip,
+    reduced_precision_note,
 )
 from pathvlm.encoders.trunks import TRUNKS, get_trunk, load_pretrained_trunk
 from pathvlm.errors import ModelError
@@ -335,6 +336,7 @@ class EncoderRecord:
     input_size: int
     tile_size: int  # source pixels of a tile (resized to input_size); input_size when unrecorded
     files: tuple[Path, ...]  # config, weights and package text weights the record stands for
+    reduced_precision_note: str = ""  # why `auto` keeps it in fp32 (PatchEncoder.set_precision)
 
     def newest_mtime_ns(self) -> int:
         """When any of its files last changed: a record is only as new as that."""
@@ -352,7 +354,7 @@ def read_encoder_record(name: str) -> EncoderRecord | None:
     weights = _find_weights(folder)
     if weights is None or not (folder / CONFIG_NAME).is_file():
         return None
-    _model_cfg, preprocess, meta = _read_config_file(folder / CONFIG_NAME)
+    model_cfg, preprocess, meta = _read_config_file(folder / CONFIG_NAME)
     if not meta.get("weights_hash"):
         return None
     files = [folder / CONFIG_NAME, weights]
@@ -365,7 +367,8 @@ def read_encoder_record(name: str) -> EncoderRecord | None:
     tile_mpp = meta.get("tile_mpp")
     size = int(size if isinstance(size, int) else size[0])
     return EncoderRecord(name, str(meta["weights_hash"]), float(tile_mpp) if tile_mpp else None,
-                         size, int(meta.get("tile_size") or size), tuple(files))
+                         size, int(meta.get("tile_size") or size), tuple(files),
+                         reduced_precision_note(model_cfg))
 
 
 def _find_weights(folder: Path) -> Path | None:

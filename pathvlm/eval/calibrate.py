@@ -203,7 +203,9 @@ def fit_calibration(model: Any, data_root: str | Path, heads: list[str] | None =
     meta = {"data_root": str(data_root), "split": "val", "fitted_at":
             datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance(),  # version + commit (pathvlm.provenance)
             "seconds": round(time.perf_counter() - t0, 1), "limit": limit,
-            "model": getattr(model, "run_dir", None) and Path(model.run_dir).name}
+            "model": getattr(model, "run_dir", None) and Path(model.run_dir).name,
+            # the scores were computed with the encoder in this precision (`auto` may keep it fp32)
+            "encoder_precision": str(getattr(model.encoder, "precision", "fp32"))}
     return Calibration(out, t_global, target, model.encoder.weights_hash, meta)
 
 

@@ -83,7 +83,7 @@ class PathVLM(nn.Module):
         self.last_attention: list[dict[str, Any]] = []  # per slide of the last call, for the app
         self.run_dir: Path | None = None  # set by load_model
         self.calibration: Any = None  # pathvlm.calibration.Calibration from calibration.json
-        self.precision = "fp32"  # of the encoder's image tower and the LLM; see set_precision
+        self.precision = "fp32"  # of the LLM (the encoder has its own); see set_precision
         self.lora_merged = False  # load_model folded a LoRA adapter into the LLM (inference only)
         self.last_notes: list[str] = []  # what the last call assumed (e.g. an image's pixel size)
 
@@ -93,12 +93,15 @@ class PathVLM(nn.Module):
         over up to 100k patches, where bf16's 8-bit mantissa flattens the attention. The LLM's
         weights are cast (faster on CPU than autocast, see README Precision); its RMSNorm keeps
         fp32 statistics itself. ``set_precision("fp32")`` restores the exact fp32 weights.
+        ``auto`` keeps an encoder whose bf16 embeddings are not equal to fp32 (the demo's
+        EfficientNet) in fp32 while the LLM runs in bf16; ``self.precision`` is the LLM's and
+        ``self.encoder.precision`` the encoder's.
         """
         from pathvlm.precision import cast_module, resolve_precision
 
-        precision = resolve_precision(precision, self.device)
         if self.encoder is not None and hasattr(self.encoder, "set_precision"):
-            self.encoder.set_precision(precision)
+            self.encoder.set_precision(precision)  # the choice as given: `auto` may keep it fp32
+        precision = resolve_precision(precision, self.device)
         if precision == self.precision:
             return self
         if getattr(self.llm, "hf_quantizer", None) is not None:  # bitsandbytes sets its own compute dtype
