@@ -4,9 +4,11 @@
         --out runs/cv/base [--folds 3] [key.sub=value ...]
 
 Only rows whose split is ``train`` are read. They are dealt into folds stratified by label and
-disjoint by case (lymphoma: specimen, the two regions of sj-05-6124 together; CRC: tile). For each
-fold the clip stage trains on the other folds' pairs (built as `pathvlm data build` builds them)
-and the encoder is scored on the held-out fold: zero-shot with the prompt file and a linear probe
+disjoint by case (lymphoma: specimen, the two regions of sj-05-6124 together; CRC and PCam: image,
+as neither marks its slides). For each fold the clip stage trains on the other folds' pairs (built
+as `pathvlm data build` builds them, mixed as `make demo-model` mixes them: the CRC and lymphoma
+pairs repeated ``--repeat-small`` times beside the PCam pairs) and the encoder is scored on the
+held-out fold of the sets named by ``--score``: zero-shot with the prompt file and a linear probe
 fitted on the training folds. The summary pools the held-out predictions of all folds into one
 confusion matrix per evaluation (balanced accuracy over every train specimen) and lists the
 per-fold values. A fold already scored is not retrained, so a killed run picks up where it stopped.
@@ -25,8 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-# dataset folder in DATA -> (class YAML and prompt file stem, case pattern)
-SETS = {"lymphoma": ("lymphoma_nia", "lymphoma", "^(sj-05-6124)"), "crc": ("crc_tiles", "crc_tissue", "")}
+# short name -> (dataset folder in DATA, class YAML stem, prompt file stem, case pattern)
+SETS = {"lymphoma": ("lymphoma_nia", "lymphoma", "lymphoma", "^(sj-05-6124)"),
+        "crc": ("crc_tiles", "crc_tissue", "crc_tissue", ""),
+        "pcam": ("pcam", "lymph_node", "lymph_node_metastasis", "")}
+SMALL = ("lymphoma", "crc")  # the few-hundred-image sets that `make demo-model` repeats beside PCam
 
 
 def _write_fold_index(rows, folds: list[int], fold: int, path: Path) -> None:
@@ -38,34 +43,56 @@ def _write_fold_index(rows, folds: list[int], fold: int, path: Path) -> None:
             writer.writerow([row.image, row.label, row.specimen or "", "val" if f == fold else "train"])
 
 
-def _prepare_fold(data: Path, fold_dir: Path, fold: int, k: int, seed: int) -> dict[str, Path]:
-    """Fold index CSVs and the training pairs of every set; returns {set: index path}."""
+def _subsample(rows, folds: list[int], per_class: int, seed: int) -> tuple[list, list[int]]:
+    """At most ``per_class`` rows of each (label, fold), seeded: what a large set is scored on."""
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (row, f) in enumerate(zip(rows, folds)):
+        groups.setdefault((row.label, f), []).append(i)
+    keep = sorted(i for idx in groups.values()
+                  for i in (idx if len(idx) <= per_class else rng.choice(idx, per_class, replace=False)))
+    return [rows[i] for i in keep], [folds[i] for i in keep]
+
+
+def _prepare_fold(data: Path, fold_dir: Path, fold: int, k: int, seed: int, sets: list[str],
+                  repeat_small: int, score_per_class: int = 0) -> dict[str, Path]:
+    """Fold index CSVs and the training pairs of every set; returns {set: index path to score}.
+
+    With ``score_per_class`` the scored index holds at most that many rows per class of the
+    held-out fold and of the training folds (the linear probe's training rows); training pairs
+    always use every row of the training folds."""
     from pathvlm.data.builders import BuildConfig, assign_folds, build_datasets, read_index
 
     indexes, pairs = {}, []
-    for short, (folder, classes, case_pattern) in SETS.items():
+    for short in sets:
+        folder, classes, _, case_pattern = SETS[short]
         rows = [r for r in read_index(data / folder / "index.csv") if r.split == "train"]
         folds = assign_folds(rows, k, seed, case_pattern)
         index = fold_dir / f"index_{short}.csv"
         _write_fold_index(rows, folds, fold, index)
+        if score_per_class:
+            scored = fold_dir / f"index_{short}_scored.csv"
+            _write_fold_index(*_subsample(rows, folds, score_per_class, seed), fold, scored)
         cfg = BuildConfig(classes=f"configs/classes/{classes}.yaml", tasks=(), case_pattern=case_pattern,
                           seed=seed)
         build_datasets(index, fold_dir / f"data_{short}", cfg)
-        pairs.append((fold_dir / f"data_{short}" / "pairs_train.jsonl").read_text())
-        indexes[short] = index
+        text = (fold_dir / f"data_{short}" / "pairs_train.jsonl").read_text()
+        pairs.append(text * (repeat_small if short in SMALL and "pcam" in sets else 1))
+        indexes[short] = fold_dir / f"index_{short}_scored.csv" if score_per_class else index
     (fold_dir / "pairs_train.jsonl").write_text("".join(pairs))
     return indexes
 
 
-def _score_fold(encoder_dir: Path, indexes: dict[str, Path], fold_dir: Path) -> dict:
+def _score_fold(encoder_dir: Path, indexes: dict[str, Path], fold_dir: Path, score: list[str]) -> dict:
     from pathvlm.eval.common import load_eval_model
     from pathvlm.eval.linear_probe import LinearProbeConfig, run_linear_probe
     from pathvlm.eval.zeroshot_eval import ZeroShotEvalConfig, run_zeroshot_eval
 
     model = load_eval_model(f"encoder:local-dir:{encoder_dir}")
     out = {}
-    for short, index in indexes.items():
-        prompts = f"configs/prompts/{SETS[short][1]}.json"
+    for short in score:
+        index = indexes[short]
+        prompts = f"configs/prompts/{SETS[short][2]}.json"
         zs = run_zeroshot_eval(model, index, ZeroShotEvalConfig(prompts=prompts, split="val", n_boot=0),
                                fold_dir / f"zs_{short}.json")
         lp = run_linear_probe(model, LinearProbeConfig(train=str(index), test=str(index), train_split="train",
@@ -91,9 +118,13 @@ def _pooled(per_fold: list[dict], short: str, kind: str) -> dict:
             "fold_mean": float(np.mean(values)), "labels": labels, "confusion": total.tolist()}
 
 
-def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[str]) -> dict:
+def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[str],
+        sets: list[str] | None = None, score: list[str] | None = None, repeat_small: int = 1,
+        score_per_class: int = 0) -> dict:
     from pathvlm.train import train_stage
 
+    sets = sets or ["lymphoma", "crc"]
+    score = score or sets
     per_fold = []
     for fold in range(k):
         fold_dir = out / f"fold{fold}"
@@ -101,19 +132,24 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
         if scores.is_file():
             per_fold.append(json.loads(scores.read_text()))
             continue
-        indexes = _prepare_fold(data, fold_dir, fold, k, seed)
+        indexes = _prepare_fold(data, fold_dir, fold, k, seed, sets, repeat_small, score_per_class)
         t0 = time.perf_counter()
-        run_dir = train_stage("clip", config, [*overrides, f"train.out_dir={fold_dir / 'clip'}",
-                                               f"data.train={fold_dir / 'pairs_train.jsonl'}", "data.val="])
-        result = _score_fold(run_dir / "encoder", indexes, fold_dir)
+        run_dir = fold_dir / "clip"
+        if (run_dir / "encoder" / "open_clip_model.safetensors").is_file():  # trained, not yet scored
+            print(f"fold {fold}: reusing the trained encoder in {run_dir / 'encoder'}", flush=True)
+        else:
+            run_dir = train_stage("clip", config, [*overrides, f"train.out_dir={run_dir}",
+                                                   f"data.train={fold_dir / 'pairs_train.jsonl'}", "data.val="])
+        result = _score_fold(run_dir / "encoder", indexes, fold_dir, score)
         result["train_minutes"] = (time.perf_counter() - t0) / 60
         scores.write_text(json.dumps(result, indent=2))
         per_fold.append(result)
         print(f"fold {fold}: " + ", ".join(f"{s} {kind} {v[kind]['balanced_accuracy']:.3f}"
                                            for s, v in result.items() if s in SETS for kind in v), flush=True)
-    summary = {"config": config, "overrides": overrides, "folds": k, "seed": seed,
+    summary = {"config": config, "overrides": overrides, "folds": k, "seed": seed, "sets": sets,
+               "repeat_small": repeat_small, "score_per_class": score_per_class,
                "train_minutes": [f["train_minutes"] for f in per_fold],
-               **{f"{s}_{kind}": _pooled(per_fold, s, kind) for s in SETS for kind in ("zeroshot", "linear_probe")}}
+               **{f"{s}_{kind}": _pooled(per_fold, s, kind) for s in score for kind in ("zeroshot", "linear_probe")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for key, value in summary.items():
         if isinstance(value, dict):
@@ -130,13 +166,31 @@ def main(argv: list[str] | None = None) -> int:
         "PATHVLM_DATA", "../shared/data"))))
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="fold assignment and pair sampling")
+    parser.add_argument("--sets", default="lymphoma,crc",
+                        help=f"comma-separated sets whose train folds train the encoder (of {', '.join(SETS)})")
+    parser.add_argument("--score", default="", help="comma-separated sets scored on their held-out folds "
+                        "(default: every set in --sets)")
+    parser.add_argument("--repeat-small", type=int, default=1,
+                        help="repeat the CRC and lymphoma pairs this many times when PCam is in --sets "
+                        "(make demo-model uses 8)")
+    parser.add_argument("--score-per-class", type=int, default=0,
+                        help="score on at most N images a class of each fold (seeded; 0 = all): "
+                        "PCam's 5,000-patch folds take ~10 min each to embed on 2 cores")
     parser.add_argument("overrides", nargs="*", help="key.sub=value for the clip stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not (args.data / "lymphoma_nia" / "index.csv").is_file():
         print(f"{args.data}: no lymphoma_nia/index.csv (set DATA or PATHVLM_DATA)", file=sys.stderr)
         return 2
-    run(args.config, args.out, args.data, args.folds, args.seed, args.overrides)
+    sets = [s for s in args.sets.split(",") if s]
+    score = [s for s in args.score.split(",") if s] or sets
+    unknown = sorted(set(sets + score) - set(SETS))
+    if unknown or not set(score) <= set(sets):
+        print(f"--sets/--score: unknown {unknown} or scored set not trained on (sets: {', '.join(SETS)})",
+              file=sys.stderr)
+        return 2
+    run(args.config, args.out, args.data, args.folds, args.seed, args.overrides, sets, score, args.repeat_small,
+        args.score_per_class)
     return 0
 
 
