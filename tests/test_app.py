@@ -202,6 +202,28 @@ def test_heatmaps_region_zeroshot_and_case(model, ihc_png, tmp_path):
     assert data["fields"]["procedure"]["value"] == "Excisional biopsy"
 
 
+def test_answer_status_done_survives_the_viewer_refresh_chained_after_it(model, ihc_png):
+    """The viewer refresh that follows an answer wrote "" into the status ~0.2 s after "done"
+    (the browser test then saw an empty status); with nothing to say it now leaves it alone."""
+    from pathvlm.ui import build_demo
+    from pathvlm.ui.deploy import DeployConfig
+    from pathvlm.ui.handlers import HEAT_SOURCES
+    from pathvlm.ui.state import SessionStore
+
+    demo = build_demo(model, max_new_tokens=6, generation=GEN,
+                      deploy=DeployConfig(slide_roots=(ihc_png.parent,)))
+    fns = {f.name: f.fn for f in demo.fns.values()}
+    store, *_, status = fns["_open"](None, str(ihc_png), "H&E", None, SessionStore(), None, None)
+    assert "Opened ihc" in status
+    *_, (_, _, store, _, status) = fns["ask"]("What tissue is this?", "active slide", False, store, None)
+    assert status == "done"
+    image, status = fns["_view_after_answer"](HEAT_SOURCES[0], None, 0.5, store, None)
+    assert image is not None and status == {"__type__": "update"}  # gr.update(): status unchanged
+    # a message the viewer does have still replaces it; the heat controls' own refresh still clears it
+    assert fns["_view_after_answer"](HEAT_SOURCES[2], "TUM", 0.5, store, None)[1] != {"__type__": "update"}
+    assert fns["view"](HEAT_SOURCES[0], None, 0.5, store, None)[1] == ""
+
+
 def test_auth_must_be_user_colon_password(model):
     from pathvlm.ui import build_demo, launch_demo
 

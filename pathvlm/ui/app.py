@@ -215,10 +215,18 @@ def _wire(gr: Any, h: Handlers, c: SimpleNamespace) -> None:
     chat_in, chat_out = [c.question, c.scope, c.use_region, c.session], [c.chatbot, c.tiles, c.session,
                                                                         c.question, c.status]
     ask = _as_user(gr, h.ask)
+
+    def _view_after_answer(source, cls, opacity, sess, user=None):
+        # the viewer follows the new attention; an empty message keeps the answer's "done"
+        # (writing "" cleared it ~0.2 s after the answer finished)
+        image, msg = h.view(source, cls, opacity, sess, user=user)
+        return image, msg or gr.update()
+
+    view_after = _as_user(gr, _view_after_answer)
     c.send.click(ask, chat_in, chat_out, api_name="ask", concurrency_id="model").then(
-        view, view_in, view_out, **private)
+        view_after, view_in, view_out, **private)
     c.question.submit(ask, chat_in, chat_out, concurrency_id="model", **private).then(
-        view, view_in, view_out, **private)
+        view_after, view_in, view_out, **private)
     c.clear.click(_as_user(gr, h.clear), [c.session], [c.chatbot, c.tiles, c.session], api_name="clear")
     c.zs_btn.click(_as_user(gr, h.zeroshot), [c.classes, c.preset, c.session],
                    [c.probs, c.heat_cls, c.session, c.status], api_name="zeroshot", concurrency_id="model")
