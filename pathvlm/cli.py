@@ -379,14 +379,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     zs.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
     zs.set_defaults(func=_cmd_eval_zeroshot)
     for name, help_text in (("linear-probe", "logistic regression on frozen image embeddings"),
-                            ("few-shot", "k images per class, logistic regression, several seeds")):
+                            ("few-shot", "k images per class, SimpleShot nearest centroid, several seeds")):
         lp = tasks.add_parser(name, help=help_text)
         _eval_common(lp, data=False)
         lp.add_argument("--train", required=True, help="training folder or CSV")
         lp.add_argument("--test", required=True, help="test folder or CSV")
         lp.add_argument("--train-split", help="CSV split for training rows (e.g. train)")
         lp.add_argument("--test-split", help="CSV split for test rows (e.g. val)")
-        lp.add_argument("--C", dest="c", type=float, default=1.0, help="inverse regularisation strength")
+        if name == "linear-probe":
+            lp.add_argument("--C", dest="c", type=float, default=1.0, help="inverse regularisation strength")
         lp.add_argument("--n-boot", type=int, default=1000)
         if name == "few-shot":
             lp.add_argument("--k", type=int, required=True, help="training images per class")
@@ -440,7 +441,7 @@ def _cmd_eval_probe(args: argparse.Namespace) -> int:
 
     cfg = LinearProbeConfig(
         train=args.train, test=args.test, train_split=args.train_split, test_split=args.test_split,
-        k=getattr(args, "k", None), n_seeds=getattr(args, "n_seeds", 1), c=args.c,
+        k=getattr(args, "k", None), n_seeds=getattr(args, "n_seeds", 1), c=getattr(args, "c", 1.0),
         batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
         resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter,
         mpp=args.mpp)

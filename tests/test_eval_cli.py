@@ -214,3 +214,41 @@ def test_lymphoma_csv_with_specimens(shared_data):
     assert len(set(val.specimens)) >= 6  # 2 specimens per class
     ps = load_prompts(REPO / "configs" / "prompts" / "lymphoma.json")
     assert match_classes(val.labels, ps) == {"CLL": "CLL", "FL": "FL", "MCL": "MCL"}
+
+
+def test_simpleshot_few_shot_is_stable_where_a_standardised_logistic_regression_is_not():
+    """k = 1: two support images. The few-shot classifier (SimpleShot) must not turn a 0.3%
+    change of the embeddings (what bf16 does) into a different classifier; the standardised
+    logistic regression it replaced divides every dimension by half the support distance."""
+    from pathvlm.eval.linear_probe import fit_predict, simpleshot_predict
+
+    rng = np.random.default_rng(0)
+    d, n = 256, 400
+    axis = rng.normal(size=d)
+    y = np.repeat([0, 1], n // 2)
+    x = rng.normal(size=(n, d)) + np.outer(np.where(y == 1, 1.0, -1.0), axis) * 0.15
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    noisy = x + rng.normal(size=x.shape) * 0.003 / np.sqrt(d)  # cosine to x ~0.99999
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    flips_ss, flips_lr = [], []
+    for seed in range(5):
+        idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), 1) for c in (0, 1)]))
+        test = np.setdiff1d(np.arange(n), idx)
+        a = simpleshot_predict(x[idx], y[idx], x[test], 2).argmax(1)
+        b = simpleshot_predict(noisy[idx], y[idx], noisy[test], 2).argmax(1)
+        flips_ss.append((a != b).mean())
+        a = fit_predict(x[idx], y[idx], x[test], 1.0, 2000, seed).argmax(1)
+        b = fit_predict(noisy[idx], y[idx], noisy[test], 1.0, 2000, seed).argmax(1)
+        flips_lr.append((a != b).mean())
+        assert (simpleshot_predict(x[idx], y[idx], x[test], 2).argmax(1) == y[test]).mean() > 0.6
+    assert max(flips_ss) < 0.02, flips_ss
+    assert max(flips_lr) > 5 * max(max(flips_ss), 0.002), (flips_lr, flips_ss)  # what it replaced
+
+
+def test_simpleshot_scores_and_a_class_without_support():
+    from pathvlm.eval.linear_probe import simpleshot_predict
+
+    train = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9, 0.1, 0.0]])
+    probs = simpleshot_predict(train, np.array([0, 2, 0]), np.array([[1.0, 0.05, 0.0], [0.0, 1.0, 0.1]]), 3)
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1)
+    assert probs[:, 1].max() == 0 and probs.argmax(1).tolist() == [0, 2]
