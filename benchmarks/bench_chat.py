@@ -164,6 +164,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     ap.add_argument("--dim", type=int, default=512, help="patch feature width")
     ap.add_argument("--precision-only", action="store_true", help="only the fp32 / autocast / auto table")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --precision-only: after the table, N more rounds alternating fp32 plain "
+                         "generate and PathVLM auto, and the median of their per-round decode ratios")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -224,7 +227,30 @@ def main_precision(args: argparse.Namespace) -> None:
         n = 2000
         path = write_features(Path(tmp) / "slide.h5", torch.randn(n, args.dim), torch.zeros(n, 2, dtype=torch.int64), {})
         feats = load_features(path)
-    bench_precisions(model, feats, 16 if args.quick else 48)
+    n_new = 16 if args.quick else 48
+    bench_precisions(model, feats, n_new)
+    if args.rounds > 1:
+        bench_rounds(model, feats, n_new, args.rounds)
+
+
+def bench_rounds(model, feats, n_new: int, rounds: int) -> None:
+    """Alternate fp32 plain generate and PathVLM in ``auto`` ``rounds`` times: a shared box drifts
+    between one run and the next, so the ratio of neighbouring runs is steadier than one table."""
+    import statistics
+
+    ratios, plain, vlm = [], [], []
+    for _ in range(rounds):
+        model.set_precision("fp32")
+        plain.append(bench_decode(model, feats, n_new, ("plain",))["plain"][1])
+        model.set_precision("auto")
+        vlm.append(bench_decode(model, feats, n_new, ("pathvlm",))["pathvlm"][1])
+        ratios.append(vlm[-1] / plain[-1])
+    model.set_precision("fp32")
+    print(f"\n## {rounds} alternating rounds: fp32 plain generate vs PathVLM auto, decode tok/s\n"
+          "| round | fp32 plain | PathVLM auto | ratio |\n|---|---|---|---|")
+    for i, (a, b, r) in enumerate(zip(plain, vlm, ratios), 1):
+        print(f"| {i} | {a:.1f} | {b:.1f} | {r:.2f}x |")
+    print(f"median ratio {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
 
 
 if __name__ == "__main__":
