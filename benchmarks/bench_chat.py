@@ -164,8 +164,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     ap.add_argument("--dim", type=int, default=512, help="patch feature width")
     ap.add_argument("--precision-only", action="store_true", help="only the fp32 / autocast / auto table")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="with --precision-only: after the table, N more rounds alternating fp32 plain "
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="with --precision-only: after the table, N rounds alternating fp32 plain "
                          "generate and PathVLM auto, and the median of their per-round decode ratios")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -178,6 +178,8 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}, cpu: {os.cpu_count()}")
     if args.precision_only:
         return main_precision(args)
+    if args.rounds:
+        ap.error("--rounds needs --precision-only")
     cold, warm = bench_load()
     print(f"\n## LLM load (SmolLM2-135M GGUF)\n| cold (dequantise + cache) | warm (cache) |\n|---|---|\n"
           f"| {cold:.1f} s | {warm:.1f} s |")
@@ -229,7 +231,7 @@ def main_precision(args: argparse.Namespace) -> None:
         feats = load_features(path)
     n_new = 16 if args.quick else 48
     bench_precisions(model, feats, n_new)
-    if args.rounds > 1:
+    if args.rounds > 0:
         bench_rounds(model, feats, n_new, args.rounds)
 
 

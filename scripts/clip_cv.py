@@ -125,23 +125,31 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
 
     sets = sets or ["lymphoma", "crc"]
     score = score or sets
+    # what a fold's encoder and scores stand for: a resumed run reuses them only for the same recipe
+    recipe = {"config": config, "overrides": overrides, "folds": k, "seed": seed, "sets": sets,
+              "repeat_small": repeat_small, "score_per_class": score_per_class}
     per_fold = []
     for fold in range(k):
         fold_dir = out / f"fold{fold}"
-        scores = fold_dir / "scores.json"
-        if scores.is_file():
+        scores, stamp = fold_dir / "scores.json", fold_dir / "recipe.json"
+        if stamp.is_file() and json.loads(stamp.read_text()) != recipe:
+            raise SystemExit(f"{fold_dir}: made by another recipe ({stamp}); use another --out")
+        if scores.is_file() and set(score) <= set(json.loads(scores.read_text())):
             per_fold.append(json.loads(scores.read_text()))
             continue
         indexes = _prepare_fold(data, fold_dir, fold, k, seed, sets, repeat_small, score_per_class)
+        stamp.write_text(json.dumps(recipe, indent=2))
         t0 = time.perf_counter()
         run_dir = fold_dir / "clip"
-        if (run_dir / "encoder" / "open_clip_model.safetensors").is_file():  # trained, not yet scored
+        train_minutes = None
+        if (run_dir / "encoder" / "open_clip_model.safetensors").is_file() and (run_dir / "meta.json").is_file():
             print(f"fold {fold}: reusing the trained encoder in {run_dir / 'encoder'}", flush=True)
         else:
             run_dir = train_stage("clip", config, [*overrides, f"train.out_dir={run_dir}",
                                                    f"data.train={fold_dir / 'pairs_train.jsonl'}", "data.val="])
+            train_minutes = (time.perf_counter() - t0) / 60
         result = _score_fold(run_dir / "encoder", indexes, fold_dir, score)
-        result["train_minutes"] = (time.perf_counter() - t0) / 60
+        result["train_minutes"] = train_minutes  # None: trained by an earlier, interrupted run
         scores.write_text(json.dumps(result, indent=2))
         per_fold.append(result)
         print(f"fold {fold}: " + ", ".join(f"{s} {kind} {v[kind]['balanced_accuracy']:.3f}"
