@@ -111,12 +111,23 @@ def resolve_for(choice: str | None, device: str | torch.device | None, reduced_o
     if precision == "fp32" or reduced_ok:
         return precision
     if is_explicit(choice):
-        log.warning("%s in %s as asked; its %s outputs are not equal to fp32: %s", what, precision,
-                    precision, why)
+        _say_once(logging.WARNING, f"{what} in {precision} as asked; its {precision} outputs are not "
+                  f"equal to fp32: {why}")
         return precision
-    log.info("precision auto -> fp32 for %s (%s; pass --precision %s to trade that for speed)", what, why,
-             precision)
+    _say_once(logging.INFO, f"precision auto -> fp32 for {what} ({why}; pass --precision {precision} "
+              "to trade that for speed)")
     return "fp32"
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(level: int, message: str) -> None:
+    """Log a per-model precision decision once per process (resume checks and every
+    ``set_precision`` call make the same decision again)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.log(level, message)
 
 
 def dtype_of(precision: str) -> torch.dtype:
