@@ -76,13 +76,7 @@ def resolve_precision(choice: str | None = "auto", device: str | torch.device | 
     fp16 needs CUDA (CPUs have no fast fp16 path); bf16 on a CPU without native support works,
     slowly, and says so.
     """
-    choice = (choice or "auto").lower()
-    if choice == "auto":
-        choice = (os.environ.get(ENV_VAR) or "auto").lower()
-        if choice not in PRECISIONS:
-            raise ConfigError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected one of {', '.join(PRECISIONS)}")
-    elif choice not in PRECISIONS:
-        raise ConfigError(f"precision {choice!r}: expected one of {', '.join(PRECISIONS)}")
+    choice = requested(choice)
     device_type = _device_type(device)
     if choice == "auto":
         return _auto(device_type)
@@ -93,12 +87,17 @@ def resolve_precision(choice: str | None = "auto", device: str | torch.device | 
     return choice
 
 
-def is_explicit(choice: str | None) -> bool:
-    """Whether the user named a concrete precision, as an argument or in ``PATHVLM_PRECISION``."""
+def requested(choice: str | None) -> str:
+    """What was asked for: the argument, or ``PATHVLM_PRECISION`` in place of None/``auto``
+    (still ``auto`` when neither names a precision); validated."""
     choice = (choice or "auto").lower()
     if choice == "auto":
         choice = (os.environ.get(ENV_VAR) or "auto").lower()
-    return choice != "auto"
+        if choice not in PRECISIONS:
+            raise ConfigError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected one of {', '.join(PRECISIONS)}")
+    elif choice not in PRECISIONS:
+        raise ConfigError(f"precision {choice!r}: expected one of {', '.join(PRECISIONS)}")
+    return choice
 
 
 def resolve_for(choice: str | None, device: str | torch.device | None, reduced_ok: bool = True,
@@ -110,7 +109,7 @@ def resolve_for(choice: str | None, device: str | torch.device | None, reduced_o
     precision = resolve_precision(choice, device)
     if precision == "fp32" or reduced_ok:
         return precision
-    if is_explicit(choice):
+    if requested(choice) != "auto":  # named by the user (argument or PATHVLM_PRECISION)
         _say_once(logging.WARNING, f"{what} in {precision} as asked; its {precision} outputs are not "
                   f"equal to fp32: {why}")
         return precision

@@ -134,8 +134,9 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
         scores, stamp = fold_dir / "scores.json", fold_dir / "recipe.json"
         if stamp.is_file() and json.loads(stamp.read_text()) != recipe:
             raise SystemExit(f"{fold_dir}: made by another recipe ({stamp}); use another --out")
-        if scores.is_file() and set(score) <= set(json.loads(scores.read_text())):
-            per_fold.append(json.loads(scores.read_text()))
+        done = json.loads(scores.read_text()) if scores.is_file() else {}
+        if set(score) <= set(done):
+            per_fold.append(done)
             continue
         indexes = _prepare_fold(data, fold_dir, fold, k, seed, sets, repeat_small, score_per_class)
         stamp.write_text(json.dumps(recipe, indent=2))
