@@ -238,6 +238,29 @@ def test_shipped_model_answers_the_issue_questions_in_their_own_form(shared_data
     assert model.ask(case, ISSUE["facts"]) == "The immunostain or special stain is ihc (IHC:cyclin D1, part A)."
 
 
+def test_auto_domain_is_lymphoma_when_the_lymphoma_prompts_outscore_every_tissue_prompt(model):
+    from pathvlm.scoring import HeadScores, SlideScores
+
+    def slide(stain, lym_logits, crc_logits, crc_probs):
+        s = SlideScores("s", stain, "s.png", np.zeros((1, 2)))
+        s.heads["lymphoma_entity"] = HeadScores("lymphoma_entity", ["CLL", "FL", "MCL"], np.array(lym_logits),
+                                                np.full(3, 1 / 3), np.zeros((1, 3)), True)
+        s.heads["crc_tissue"] = HeadScores("crc_tissue", ["DEB", "LYM", "TUM"], np.array(crc_logits),
+                                           np.array(crc_probs), np.zeros((1, 3)), True)
+        return s
+
+    chat = model.chat
+    # a lymphoma field read as "debris" by the tissue head alone: the joint zero-shot says lymphoid
+    lymphoma_image = slide("H&E", [9.0, 8.0, 7.0], [8.5, 8.0, 1.0], [0.5, 0.4, 0.1])
+    assert chat._lymphoid([lymphoma_image])
+    crc_tile = slide("H&E", [5.0, 4.0, 3.0], [2.0, 1.0, 9.0], [0.1, 0.1, 0.8])
+    assert not chat._lymphoid([crc_tile])
+    assert chat._lymphoid([slide("H&E", [1.0, 1.0, 1.0], [2.0, 9.0, 1.0], [0.1, 0.8, 0.1])])  # lymphoid tissue
+    # averaged over the H&E slides; an immunostain does not vote
+    assert not chat._lymphoid([crc_tile, lymphoma_image])  # margins -4 and +0.5
+    assert not chat._lymphoid([crc_tile, slide("IHC:CD20", [99.0, 0, 0], [0, 0, 0], [1 / 3] * 3)])
+
+
 def test_a_question_naming_colorectal_tissue_keeps_the_tissue_domain(model):
     chat = model.chat
     assert chat._domain("Which colorectal tissue category does this image show?", None, None) == "tissue"
