@@ -706,10 +706,12 @@ def _cmd_eval_report_fields(args: argparse.Namespace) -> int:
     from pathvlm.eval.report import write_report
     from pathvlm.eval.report_fields import markdown_table, run_field_suite
     from pathvlm.model import load_model
+    from pathvlm.provenance import model_weights_hash
 
-    result = run_field_suite(load_model(args.model, precision=args.precision or "auto"), args.data, args.limit, args.min_confidence,
-                             progress=not args.quiet)
+    model = load_model(args.model, precision=args.precision or "auto")
+    result = run_field_suite(model, args.data, args.limit, args.min_confidence, progress=not args.quiet)
     result["model"] = args.model
+    result["weights_hash"] = model_weights_hash(model)  # which weights these numbers belong to
     table = markdown_table(result)
     print(table, end="")
     if args.json_out:

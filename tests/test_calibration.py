@@ -256,6 +256,10 @@ def test_eval_report_suite_matches_the_calibration(model, tmp_path):
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["min_confidence"] == pytest.approx(cal.min_confidence)
+    from pathvlm.model import load_model
+    from pathvlm.provenance import model_weights_hash
+
+    assert result["weights_hash"] and result["weights_hash"] == model_weights_hash(load_model(run))
     fields = result["fields"]
     assert set(fields) == {"lymphoma entity", "colorectal tissue composition",
                            "carcinoma present", "tumour in a lymph node"}
