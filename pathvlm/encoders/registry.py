@@ -119,7 +119,7 @@ def _demo_trunk_words(encoder_dir: Path) -> str:
     for src in TRUNKS.values():
         if src.timm_name == timm_name:
             return f"ImageNet {timm_name} ({src.pip_name}, Apache-2.0)"
-    return f"{timm_name}"
+    return str(timm_name)
 
 
 register_encoder(
