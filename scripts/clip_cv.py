@@ -8,10 +8,12 @@ disjoint by case (lymphoma: specimen, the two regions of sj-05-6124 together; CR
 as neither marks its slides). For each fold the clip stage trains on the other folds' pairs (built
 as `pathvlm data build` builds them, mixed as `make demo-model` mixes them: the CRC and lymphoma
 pairs repeated ``--repeat-small`` times beside the PCam pairs) and the encoder is scored on the
-held-out fold of the sets named by ``--score``: zero-shot with the prompt file and a linear probe
-fitted on the training folds. The summary pools the held-out predictions of all folds into one
+held-out fold of the sets named by ``--score``: zero-shot with the prompt file, zero-shot on perturbed
+held-out images (``ROBUST``: CRC resampled to 224 px at 0.5 um/px, rescaled x0.75 / x1.5, stain
+jitter), and a linear probe fitted on the training folds. The summary pools the held-out predictions of all folds into one
 confusion matrix per evaluation (balanced accuracy over every train specimen) and lists the
-per-fold values. A fold already scored is not retrained, so a killed run picks up where it stopped.
+per-fold values. A fold already scored is not retrained, so a killed run picks up where it stopped;
+a fold whose encoder is trained but lacks some scores (an older run) gets only the missing ones.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ SETS = {"lymphoma": ("lymphoma_nia", "lymphoma", "lymphoma", "^(sj-05-6124)"),
         "crc": ("crc_tiles", "crc_tissue", "crc_tissue", ""),
         "pcam": ("pcam", "lymph_node", "lymph_node_metastasis", "")}
 SMALL = ("lymphoma", "crc")  # the few-hundred-image sets that `make demo-model` repeats beside PCam
+# Zero-shot on perturbed held-out images, scored beside the clean figure (MODEL_CARD's robustness rows):
+# kind -> ZeroShotEvalConfig fields. "mpp0.5_224px" scores copies of the held-out tiles resampled to
+# 224 px and given as 0.5 um/px (NCT-CRC-HE's published scale), which the encoder resamples back.
+ROBUST = {"crc": {"zeroshot_mpp0.5_224px": {"mpp": 0.5}, "zeroshot_mpp0.75": {"resize_mpp_factor": 0.75},
+                  "zeroshot_mpp1.5": {"resize_mpp_factor": 1.5}, "zeroshot_stain0.05": {"stain_jitter": 0.05}},
+          "pcam": {"zeroshot_stain0.05": {"stain_jitter": 0.05}}}
 
 
 def _write_fold_index(rows, folds: list[int], fold: int, path: Path) -> None:
@@ -52,6 +60,17 @@ def _subsample(rows, folds: list[int], per_class: int, seed: int) -> tuple[list,
     keep = sorted(i for idx in groups.values()
                   for i in (idx if len(idx) <= per_class else rng.choice(idx, per_class, replace=False)))
     return [rows[i] for i in keep], [folds[i] for i in keep]
+
+
+def _resampled_fold_index(index: Path, copies: Path, path: Path) -> Path:
+    """``index`` with every image replaced by its 224 px, 0.5 um/px copy (shared by the folds)."""
+    from pathvlm.eval.common import write_resampled_copies
+
+    with index.open() as fh:
+        rows = [(r["path"], r["label"], r["split"]) for r in csv.DictReader(fh)]
+    shared = write_resampled_copies(rows, copies)
+    path.write_text(shared.read_text())
+    return path
 
 
 def _prepare_fold(data: Path, fold_dir: Path, fold: int, k: int, seed: int, sets: list[str],
@@ -79,28 +98,43 @@ def _prepare_fold(data: Path, fold_dir: Path, fold: int, k: int, seed: int, sets
         text = (fold_dir / f"data_{short}" / "pairs_train.jsonl").read_text()
         pairs.append(text * (repeat_small if short in SMALL and "pcam" in sets else 1))
         indexes[short] = fold_dir / f"index_{short}_scored.csv" if score_per_class else index
+        if short == "crc":
+            indexes["crc@224"] = _resampled_fold_index(indexes[short], fold_dir.parent / "crc_224",
+                                                       fold_dir / "index_crc_224.csv")
     (fold_dir / "pairs_train.jsonl").write_text("".join(pairs))
     return indexes
 
 
-def _score_fold(encoder_dir: Path, indexes: dict[str, Path], fold_dir: Path, score: list[str]) -> dict:
+def _score_fold(encoder_dir: Path, indexes: dict[str, Path], fold_dir: Path, score: list[str],
+                done: dict | None = None) -> dict:
+    """Every evaluation of ``score`` that ``done`` (an earlier scores.json) lacks, merged into it."""
     from pathvlm.eval.common import load_eval_model
     from pathvlm.eval.linear_probe import LinearProbeConfig, run_linear_probe
     from pathvlm.eval.zeroshot_eval import ZeroShotEvalConfig, run_zeroshot_eval
 
-    model = load_eval_model(f"encoder:local-dir:{encoder_dir}")
-    out = {}
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in (done or {}).items()}
+    model = None
     for short in score:
-        index = indexes[short]
+        index, have = indexes[short], out.setdefault(short, {})
         prompts = f"configs/prompts/{SETS[short][2]}.json"
-        zs = run_zeroshot_eval(model, index, ZeroShotEvalConfig(prompts=prompts, split="val", n_boot=0),
-                               fold_dir / f"zs_{short}.json")
-        lp = run_linear_probe(model, LinearProbeConfig(train=str(index), test=str(index), train_split="train",
-                                                       test_split="val", n_boot=0),
-                              fold_dir / f"lp_{short}.json")
-        out[short] = {kind: {"balanced_accuracy": r["balanced_accuracy"], "confusion": r["confusion_matrix"]}
-                      for kind, r in (("zeroshot", zs), ("linear_probe", lp))}
+        for kind in _kinds(short):
+            if kind in have:
+                continue
+            model = model or load_eval_model(f"encoder:local-dir:{encoder_dir}")
+            if kind == "linear_probe":
+                r = run_linear_probe(model, LinearProbeConfig(train=str(index), test=str(index), train_split="train",
+                                                              test_split="val", n_boot=0), fold_dir / f"lp_{short}.json")
+            else:
+                fields = ROBUST.get(short, {}).get(kind, {})
+                source = indexes["crc@224"] if "mpp" in fields else index
+                r = run_zeroshot_eval(model, source, ZeroShotEvalConfig(prompts=prompts, split="val", n_boot=0, **fields),
+                                      fold_dir / f"{kind.replace('zeroshot', 'zs')}_{short}.json")
+            have[kind] = {"balanced_accuracy": r["balanced_accuracy"], "confusion": r["confusion_matrix"]}
     return out
+
+
+def _kinds(short: str) -> list[str]:
+    return ["zeroshot", "linear_probe", *ROBUST.get(short, {})]
 
 
 def _pooled(per_fold: list[dict], short: str, kind: str) -> dict:
@@ -135,7 +169,7 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
         if stamp.is_file() and json.loads(stamp.read_text()) != recipe:
             raise SystemExit(f"{fold_dir}: made by another recipe ({stamp}); use another --out")
         done = json.loads(scores.read_text()) if scores.is_file() else {}
-        if set(score) <= set(done):
+        if all(kind in done.get(short, {}) for short in score for kind in _kinds(short)):
             per_fold.append(done)
             continue
         indexes = _prepare_fold(data, fold_dir, fold, k, seed, sets, repeat_small, score_per_class)
@@ -149,8 +183,9 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
             run_dir = train_stage("clip", config, [*overrides, f"train.out_dir={run_dir}",
                                                    f"data.train={fold_dir / 'pairs_train.jsonl'}", "data.val="])
             train_minutes = (time.perf_counter() - t0) / 60
-        result = _score_fold(run_dir / "encoder", indexes, fold_dir, score)
-        result["train_minutes"] = train_minutes  # None: trained by an earlier, interrupted run
+        result = _score_fold(run_dir / "encoder", indexes, fold_dir, score, done)
+        if train_minutes is not None or "train_minutes" not in result:
+            result["train_minutes"] = train_minutes  # None: trained by an earlier, interrupted run
         scores.write_text(json.dumps(result, indent=2))
         per_fold.append(result)
         print(f"fold {fold}: " + ", ".join(f"{s} {kind} {v[kind]['balanced_accuracy']:.3f}"
@@ -158,7 +193,7 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
     summary = {"config": config, "overrides": overrides, "folds": k, "seed": seed, "sets": sets,
                "repeat_small": repeat_small, "score_per_class": score_per_class,
                "train_minutes": [f["train_minutes"] for f in per_fold],
-               **{f"{s}_{kind}": _pooled(per_fold, s, kind) for s in score for kind in ("zeroshot", "linear_probe")}}
+               **{f"{s}_{kind}": _pooled(per_fold, s, kind) for s in score for kind in _kinds(s)}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for key, value in summary.items():
         if isinstance(value, dict):

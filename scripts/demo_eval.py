@@ -94,23 +94,12 @@ def _crc_val_at_half_micron(data: Path, out: Path) -> Path:
     NCT-CRC-HE publishes them, with an index that says so (mpp column)."""
     import csv
 
-    from PIL import Image
+    from pathvlm.eval.common import write_resampled_copies
 
-    folder = out / "crc_val_224"
-    folder.mkdir(exist_ok=True)
-    rows = []
     with (data / "crc_tiles" / "index.csv").open() as fh:
-        for r in csv.DictReader(fh):
-            if r["split"] != "val":
-                continue
-            target = folder / (Path(r["path"]).stem + ".png")
-            with Image.open(data / "crc_tiles" / r["path"]) as im:
-                im.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC).save(target)
-            rows.append([str(target.resolve()), r["label"], "val"])
-    path = folder / "index.csv"
-    with path.open("w", newline="") as fh:
-        csv.writer(fh).writerows([["path", "label", "split"], *rows])
-    return path
+        rows = [(str(data / "crc_tiles" / r["path"]), r["label"], "val") for r in csv.DictReader(fh)
+                if r["split"] == "val"]
+    return write_resampled_copies(rows, out / "crc_val_224")
 
 
 def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path:

@@ -107,6 +107,37 @@ def rescale_keep_size(image, factor: float):
     return Image.fromarray(np.pad(arr, pad, mode=mode))
 
 
+def write_resampled_copies(rows: list[tuple[str, str, str]], folder, size: int = 224,
+                           mpp: float = 0.5) -> Any:
+    """Copies of plain images resampled (bicubic) to ``size`` x ``size`` px, stated to be at ``mpp``
+    um/px: how NCT-CRC-HE publishes its tiles (224 px, 0.5 um/px) made from thumbnails of them.
+
+    ``rows``: (image path, label, split). Writes ``folder/<label>/<stem>.png`` and
+    ``folder/index.csv`` (path, label, split, mpp) and returns the index path. A copy already
+    written is kept, so several folds share one folder."""
+    import csv
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    out_rows = []
+    for path, label, split in rows:
+        target = folder / label / (Path(path).stem + ".png")
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(path) as im:
+                resized = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            tmp = target.with_suffix(".tmp.png")
+            resized.save(tmp)
+            os.replace(tmp, target)
+        out_rows.append([str(target.resolve()), label, split, mpp])
+    index = folder / "index.csv"
+    with index.open("w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "label", "split", "mpp"], *out_rows])
+    return index
+
+
 def _stain_jittered(image, sigma: float, rng: np.random.Generator):
     from PIL import Image
 
