@@ -120,6 +120,54 @@ def test_case_entry_mpp_wins_and_report_flags_an_assumed_scale(tiny_model, tmp_p
         load_case(tmp_path / "bad.yaml")
 
 
+def test_a_case_goes_on_without_a_slide_too_coarse_to_tile_and_says_so(tiny_model, tmp_path):
+    from pathvlm.errors import SlideError
+    from pathvlm.model.inputs import resolve_inputs, scale_notes
+    from pathvlm.slide import TileConfig
+
+    _noise(128, 64).save(tmp_path / "a.png")
+    _noise(64, 64, seed=1).save(tmp_path / "coarse.png")
+    (tmp_path / "case.yaml").write_text("id: c3\nslides:\n  - {path: a.png, stain: H&E, mpp: 0.5}\n"
+                                        "  - {path: coarse.png, stain: H&E, mpp: 20}\n")
+    tile = TileConfig(mpp=2.0, size=32)  # 20 um/px is 10x coarser than the tiles: above the 4x limit
+    slides = resolve_inputs(str(tmp_path / "case.yaml"), tiny_model.encoder, tiny_model.transform, tile)
+    assert [s.name for s in slides] == ["a"]
+    assert len(slides.left_out) == 1
+    assert "slide coarse left out of case c3" in slides.left_out[0] and "10x coarser" in slides.left_out[0]
+    assert scale_notes(slides) == slides.left_out
+    report = tiny_model.draft_report(str(tmp_path / "case.yaml"), "colorectal_biopsy")
+    assert [f for f in report.flags if "left out" in f] == slides.left_out
+    assert [s["name"] for s in report.to_json_dict()["slides"]] == ["a", "coarse"]  # the case lists it
+    # alone, the same image is an error naming it; a case with no readable slide cannot be answered
+    with pytest.raises(SlideError, match=r"coarse\.png: scanned at 20 um/px, 10x coarser .*\(limit 4x\)"):
+        tiny_model.ask(str(tmp_path / "coarse.png"), "What tissue is this?", mpp=20, max_new_tokens=2)
+    (tmp_path / "bad.yaml").write_text("id: c4\nslides:\n  - {path: coarse.png, mpp: 20}\n")
+    with pytest.raises(ModelError, match="case c4: no slide could be read"):
+        resolve_inputs(str(tmp_path / "bad.yaml"), tiny_model.encoder, tiny_model.transform, tile)
+    loose = TileConfig(mpp=2.0, size=32, max_upsample=0)  # no limit: cut, upsampled
+    assert len(resolve_inputs(str(tmp_path / "bad.yaml"), tiny_model.encoder, tiny_model.transform, loose)) == 1
+
+
+def test_resampled_copies_are_written_once_at_the_stated_scale(tmp_path):
+    import os
+
+    from pathvlm.eval.common import write_resampled_copies
+    from pathvlm.eval.datasets import load_csv
+
+    for i, label in enumerate(("TUM", "STR")):
+        _noise(108, 108, seed=i).save(tmp_path / f"t{i}.png")
+    rows = [(str(tmp_path / "t0.png"), "TUM", "val"), (str(tmp_path / "t1.png"), "STR", "train")]
+    index = write_resampled_copies(rows, tmp_path / "copies")
+    copy = tmp_path / "copies" / "TUM" / "t0.png"
+    with Image.open(copy) as im:
+        assert im.size == (224, 224)
+    data = load_csv(index, split="val")
+    assert data.labels == ["TUM"] and data.image_mpps() == [0.5]
+    stamp = os.stat(copy).st_mtime_ns
+    write_resampled_copies(rows, tmp_path / "copies")  # a second fold reuses the copies
+    assert os.stat(copy).st_mtime_ns == stamp
+
+
 # ---------------------------------------------------------------- real CRC tiles, demo encoder
 
 
@@ -231,3 +279,26 @@ def test_app_open_takes_a_pixel_size_and_says_what_it_assumed(tiny_model, tmp_pa
     assert prepared.extent == 128
     _, _, _, _, status = h.open(str(tmp_path / "photo.png"), None, "H&E", Session(), mpp=-1)
     assert status.startswith("Could not open photo.png") and "positive" in status
+
+
+def test_app_opens_a_case_without_its_unreadable_slide_and_says_so(tiny_model, tmp_path):
+    from pathvlm.ui.handlers import Handlers
+    from pathvlm.ui.state import Session
+
+    _noise(128, 64).save(tmp_path / "a.png")
+    _noise(64, 64, seed=1).save(tmp_path / "coarse.png")
+    (tmp_path / "case.yaml").write_text("id: c5\nslides:\n  - {path: coarse.png, stain: H&E, mpp: 20}\n"
+                                        "  - {path: a.png, stain: H&E, mpp: 0.5}\n")
+    from pathvlm.ui.deploy import DeployConfig
+
+    h = Handlers(tiny_model, max_new_tokens=2, deploy=DeployConfig(slide_roots=(tmp_path,)))
+    session, _, _, _, status = h.open(None, str(tmp_path / "case.yaml"), None, Session())
+    assert status.startswith("Opened case case (1 slides)")
+    assert "slide coarse left out of case c5: scanned at 20 um/px" in status
+    assert str(tmp_path) not in status  # the reason, not the server path
+    assert [s.name for s in session.slides] == ["a"] and session.active == 0
+    report = h.report("colorectal_biopsy", None, None, None, None, None, session)
+    assert "slide coarse left out of case c5" in report[0]  # the draft's flags name it
+    (tmp_path / "none.yaml").write_text("id: c6\nslides:\n  - {path: coarse.png, mpp: 20}\n")
+    _, _, _, _, status = h.open(None, str(tmp_path / "none.yaml"), None, Session())
+    assert status.startswith("Could not open none.yaml") and "no slide could be read" in status

@@ -79,6 +79,17 @@ def test_dicom(wsi_dir: Path) -> None:
         assert np.asarray(img)[-1, -1].tolist() == [255, 255, 255]  # outside = white
 
 
+def test_a_slide_far_coarser_than_the_tiles_is_refused_by_name(wsi_dir: Path) -> None:
+    from pathvlm.slide import TileConfig, tile_slide
+
+    with open_slide(wsi_dir / "camelyon16_lymph_node.dcm") as s:  # 29 um/px: a thumbnail-level scan
+        with pytest.raises(SlideError, match=r"camelyon16_lymph_node\.dcm: scanned at 29 um/px, 29x coarser "
+                           r"than the 1 um/px tiles .*limit 4x"):
+            tile_slide(s, TileConfig(mpp=1.0, size=112))
+        assert len(tile_slide(s, TileConfig(mpp=8.0, size=112))) > 0  # 3.6x: cut (with a warning)
+        assert len(tile_slide(s, TileConfig(mpp=1.0, size=112, max_upsample=0))) > 0  # no limit
+
+
 def test_broken_svs(wsi_dir: Path) -> None:
     with pytest.raises(SlideError, match=r"broken\.svs: OpenSlide cannot read this \.svs file"):
         open_slide(wsi_dir / "broken.svs")

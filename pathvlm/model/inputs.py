@@ -6,6 +6,7 @@ given, and that needs the model's encoder.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,19 @@ import torch
 
 from pathvlm.errors import ModelError
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 CASE_SUFFIXES = {".yaml", ".yml", ".json"}
+
+
+class SlideInputs(list):
+    """The SlideInputs of a request, plus ``left_out``: one line for each slide of a case that
+    could not be read (named, with why), so the case goes on without it and says so."""
+
+    def __init__(self, items: Any = (), left_out: list[str] | None = None):
+        super().__init__(items)
+        self.left_out = list(left_out or [])
 
 
 @dataclass
@@ -64,7 +76,7 @@ def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = Non
                 image = im.convert("RGB")
         except (OSError, UnidentifiedImageError) as exc:
             raise ModelError(f"{path}: cannot read image ({exc})") from exc
-        return [SlideInput(_embed_image(image, encoder, transform, tile, mpp), path.stem, stain, part,
+        return [SlideInput(_embed_image(image, encoder, transform, tile, mpp, path), path.stem, stain, part,
                            str(path))]
     from pathvlm.slide import open_slide
 
@@ -82,22 +94,42 @@ def _from_slide(slide: Any, encoder: Any, transform: Any, stain: str | None = No
     return SlideInput(bag, slide.name, stain, part, str(slide.path))
 
 
-def _embed_image(image: Any, encoder: Any, transform: Any, tile: Any, mpp: float | None) -> Any:
+def _embed_image(image: Any, encoder: Any, transform: Any, tile: Any, mpp: float | None,
+                 name: Any = "image") -> Any:
     from pathvlm.embed import embed_image
+    from pathvlm.errors import SlideError
+    from pathvlm.slide.tiling import upsample_refusal
 
     tile = _tile(tile)
+    refusal = mpp and upsample_refusal(mpp, tile.mpp, tile.max_upsample)
+    if refusal:
+        raise SlideError(name, refusal)
     return embed_image(image.convert("RGB"), encoder, transform, size=tile.size, image_mpp=mpp,
                        target_mpp=tile.mpp)
 
 
 def _from_case(case: Any, encoder: Any, transform: Any, tile: Any = None,
-               mpp: float | None = None) -> list[SlideInput]:
-    out = []
+               mpp: float | None = None) -> SlideInputs:
+    """Every readable slide of ``case``; one that cannot be read (corrupt, too coarse to tile) is
+    left out with a logged reason in ``left_out``. When none can be read the case cannot be
+    answered: ModelError naming every file."""
+    from pathvlm.errors import SlideError
+
+    out = SlideInputs()
     for ref in case.slides:
         ref_mpp = getattr(ref, "mpp", None) or mpp  # the manifest's entry wins over the call's
-        for item in _from_path(Path(ref.path), encoder, transform, ref.stain, ref.part, tile, ref_mpp):
+        try:
+            items = _from_path(Path(ref.path), encoder, transform, ref.stain, ref.part, tile, ref_mpp)
+        except SlideError as exc:
+            note = f"slide {ref.name or Path(ref.path).name} left out of case {case.id}: {exc.reason}"
+            log.warning("%s", note)
+            out.left_out.append(note)
+            continue
+        for item in items:
             item.name = ref.name
             out.append(item)
+    if case.slides and not out:
+        raise ModelError(f"case {case.id}: no slide could be read (" + "; ".join(out.left_out) + ")")
     return out
 
 
@@ -129,7 +161,12 @@ def resolve_inputs(input: Any, encoder: Any = None, transform: Any = None,
     if isinstance(input, (str, Path)):
         return _from_path(Path(input), encoder, transform, tile=tile, mpp=mpp)
     if isinstance(input, (list, tuple)):
-        return [s for item in input for s in resolve_inputs(item, encoder, transform, tile, mpp)]
+        out = SlideInputs(left_out=getattr(input, "left_out", []))
+        for item in input:
+            part = resolve_inputs(item, encoder, transform, tile, mpp)
+            out.extend(part)
+            out.left_out.extend(getattr(part, "left_out", []))
+        return out
     from pathvlm.case import Case
 
     if isinstance(input, Case):
@@ -146,12 +183,13 @@ def resolve_inputs(input: Any, encoder: Any = None, transform: Any = None,
 
 
 def scale_notes(slides: list[SlideInput], how: str = "--mpp / mpp=") -> list[str]:
-    """One line naming the plain images that came without a pixel size and the scale assumed;
-    ``how`` says where to give one."""
+    """One line naming the plain images that came without a pixel size and the scale assumed
+    (``how`` says where to give one), then one per case slide left out (`SlideInputs`)."""
     from pathvlm.embed import assumed_scale_note
 
+    left_out = list(getattr(slides, "left_out", []))
     assumed = [s for s in slides if s.bag.attrs.get("mpp_assumed")]
     if not assumed:
-        return []
+        return left_out
     names = [s.name or Path(s.source).name for s in assumed]
-    return [assumed_scale_note(names, assumed[0].bag.attrs.get("mpp") or None, how)]
+    return [assumed_scale_note(names, assumed[0].bag.attrs.get("mpp") or None, how), *left_out]

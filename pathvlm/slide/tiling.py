@@ -18,6 +18,8 @@ from pathvlm.slide.tissue import TissueConfig, TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
 
+MAX_UPSAMPLE = 4.0  # a scan at 4 um/px shows a 7 um nucleus as ~2 px: the coarsest worth reading at 1 um/px
+
 
 @dataclass
 class TileConfig:
@@ -28,12 +30,27 @@ class TileConfig:
         size: output tile side in pixels.
         min_tissue: keep tiles whose tissue fraction (from the mask) is at least this, in [0, 1].
         stride: step between tiles in output pixels; None = `size` (no overlap).
+        max_upsample: refuse a slide scanned this many times coarser than `mpp` (its tiles would
+            be blown up from a few pixels: the detail an encoder reads is not in the scan);
+            0 = no limit. Between 1.1x and the limit the tiles are cut with a warning.
     """
 
     mpp: float = 0.5
     size: int = 224
     min_tissue: float = 0.25
     stride: int | None = None
+    max_upsample: float = MAX_UPSAMPLE
+
+
+def upsample_refusal(source_mpp: float, mpp: float, limit: float = MAX_UPSAMPLE) -> str | None:
+    """Why pixels at ``source_mpp`` um/px cannot be cut at ``mpp`` um/px (None: they can): the
+    scan is more than ``limit`` times coarser (0 = no limit)."""
+    factor = source_mpp / mpp
+    if not limit or factor <= limit:
+        return None
+    return (f"scanned at {source_mpp:.3g} um/px, {factor:.0f}x coarser than the {mpp:g} um/px tiles the "
+            f"encoder reads (limit {limit:g}x): too coarse to show cells; give a scan at "
+            f"{mpp * limit:g} um/px or finer")
 
 
 @dataclass
@@ -115,6 +132,9 @@ def tile_slide(
         raise SlideError(slide.path, f"min_tissue must be in [0, 1], got {cfg.min_tissue}")
     stride = cfg.stride or cfg.size
     mpp_x, mpp_y = slide.require_mpp()
+    refusal = upsample_refusal(min(mpp_x, mpp_y), cfg.mpp, cfg.max_upsample)
+    if refusal:
+        raise SlideError(slide.path, refusal)
     if cfg.mpp < 0.9 * min(mpp_x, mpp_y):
         log.warning(
             "%s: tiles at %.3g um/px are upsampled from a slide scanned at %.3g um/px",

@@ -109,6 +109,7 @@ class Handlers:
             if src.suffix.lower() in MANIFEST_SUFFIXES:
                 prepared, cached = self._open_manifest(src, session, bool(upload), tried)
                 status = f"Opened case {src.stem} ({len(session.slides)} slides)"
+                status += "".join(f". Note: {n}" for n in session.left_out)
             else:
                 prepared, cached = self._add_slide(session, src, stain, tried, mpp=mpp or None)
                 status = f"Opened {prepared.name}"
@@ -175,11 +176,16 @@ class Handlers:
         first, cached_all = None, True
         for i, ref in enumerate(case.slides):
             try:
-                prepared, cached = self._add_slide(work, Path(ref.path), ref.stain, tried, activate=i == 0,
+                prepared, cached = self._add_slide(work, Path(ref.path), ref.stain, tried, activate=first is None,
                                                    mpp=ref.mpp)
+            except SlideError as exc:  # unreadable or too coarse: the case goes on without it, and says so
+                work.left_out.append(f"slide {ref.name} left out of case {case.id}: {problem(exc)}")
+                continue
             except PathVLMError as exc:
                 raise CaseError(src.name, f"slides[{i}] ({ref.name})", problem(exc)) from None
             first, cached_all = first or prepared, cached_all and cached
+        if first is None:
+            raise CaseError(src.name, "slides", "no slide could be read (" + "; ".join(work.left_out) + ")")
         work.ancillary = [r.model_dump(mode="json", exclude_none=True) for r in case.ancillary_results]
         session.__dict__.update(work.__dict__)
         return first, cached_all

@@ -70,7 +70,9 @@ def draft_for_session(model: Any, session: Any, cache: Any, kind: str, clinical:
     """
     if not session.slides:
         raise ConfigError("open a slide or image first")
-    inputs = []
+    from pathvlm.model.inputs import SlideInputs
+
+    inputs = SlideInputs(left_out=session.left_out)  # the report's flags name the slides left out
     for s in session.slides:
         prepared = cache.get(s.key)
         if prepared is None:

@@ -119,6 +119,7 @@ class Session:
     region: tuple[int, int, int] | None = None  # slide index, level-0 x, y of the zoomed region
     report: Any = None
     owner: str | None = None  # the login that made this state; no other login may use it
+    left_out: list[str] = field(default_factory=list)  # slides of the opened case that could not be read
 
 
 @dataclass
