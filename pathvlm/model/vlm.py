@@ -86,6 +86,9 @@ class PathVLM(nn.Module):
         self.precision = "fp32"  # of the LLM (the encoder has its own); see set_precision
         self.lora_merged = False  # load_model folded a LoRA adapter into the LLM (inference only)
         self.last_notes: list[str] = []  # what the last call assumed (e.g. an image's pixel size)
+        self.fast_decode = True  # greedy answers by `fast_decode.GreedyDecoder` where it applies
+        self._decoder: Any = None
+        self._decoder_lock = threading.Lock()
 
     def set_precision(self, precision: str) -> PathVLM:
         """Run the encoder's image tower and the LLM in ``precision`` (auto/fp32/bf16/fp16) for
@@ -217,6 +220,25 @@ class PathVLM(nn.Module):
                                                                       device=embeds.device),
                 "pad_token_id": pad if pad is not None else self.tokenizer.eos_token_id, **g}
 
+    def run_generate(self, **kwargs: Any) -> torch.Tensor:
+        """``self.llm.generate(**kwargs)`` (kwargs from `_gen_kwargs`): greedy decoding of a Llama-family
+        LLM runs in `fast_decode.GreedyDecoder`'s lean loop, the same tokens with less overhead per
+        token; sampling, penalties and other LLMs use ``generate``. ``self.fast_decode = False``
+        always uses ``generate``."""
+        from pathvlm.model import fast_decode
+
+        why = "off" if not self.fast_decode else fast_decode.call_unsupported(kwargs)
+        if why is None:
+            with self._decoder_lock:  # the app streams from a worker thread
+                if self._decoder is None or self._decoder.stale:
+                    why = fast_decode.unsupported(self.llm)
+                    self._decoder = None if why else fast_decode.GreedyDecoder(self.llm)
+                decoder = self._decoder
+        if why is not None:
+            log.debug("decoding with generate: %s", why)
+            return self.llm.generate(**kwargs)
+        return decoder.generate(**kwargs)
+
     @torch.no_grad()
     def generate_ids(self, input: Any, question: str, history: list[dict[str, str]] | None = None,
                      precision: str | None = None, mpp: float | None = None,
@@ -226,7 +248,7 @@ class PathVLM(nn.Module):
         if precision is not None:
             self.set_precision(precision)
         embeds = self.prepare(input, question, history, mpp)
-        return self.llm.generate(**self._gen_kwargs(embeds, gen))
+        return self.run_generate(**self._gen_kwargs(embeds, gen))
 
     @property
     def chat(self) -> Any:
@@ -294,7 +316,7 @@ class PathVLM(nn.Module):
         def run() -> None:
             try:
                 with torch.no_grad():
-                    self.llm.generate(**kwargs)
+                    self.run_generate(**kwargs)
             except Exception as exc:  # noqa: BLE001 - any failure is re-raised in the caller's thread
                 errors.append(exc)
                 streamer.end()

@@ -238,7 +238,7 @@ class _LLMChooser:
         m = self.model
         ids = self._prompt_ids(question)[None].to(m.device)
         embeds = m.embed_inputs(ids, self.embeds)
-        out = m.llm.generate(**m._gen_kwargs(embeds, {"max_new_tokens": self.cfg.free_text_tokens}))
+        out = m.run_generate(**m._gen_kwargs(embeds, {"max_new_tokens": self.cfg.free_text_tokens}))
         return m.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
     def __call__(self, spec: FieldSpec, question: str, options: list[str]) -> Any:

@@ -253,7 +253,7 @@ def generate_reply(vlm: Any, feats: torch.Tensor, question: str, k: int, max_new
     messages = build_messages(question, [SlideSlot(None, None, None, k)], None, vlm.cfg.system_prompt)
     ids = render(vlm.tokenizer, messages).to(vlm.device)
     embeds = vlm.embed_inputs(ids, slide_embeds(vlm, feats[None], None, k))
-    out = vlm.llm.generate(**vlm._gen_kwargs(embeds, {"max_new_tokens": max_new_tokens, "do_sample": False}))
+    out = vlm.run_generate(**vlm._gen_kwargs(embeds, {"max_new_tokens": max_new_tokens, "do_sample": False}))
     return vlm.tokenizer.decode(out[0], skip_special_tokens=True)
 
 
