@@ -13,6 +13,13 @@ copies so the seams match) and benchmarks that larger slide, where start-up and 
 weigh less than on the 1.1 x 1.5 mm CMU-1-Small-Region. Then the peak RSS of a full
 `embed_slides` run (in a fresh process) on the real slide and on a synthetic 40,000 x 40,000
 pyramidal TIFF, to show memory does not grow with slide size.
+
+Peer figure: when LazySlide (PyPI ``lazyslide``) is importable, ``zs.tl.feature_extraction`` runs
+on the same slide, on LazySlide's own grid of 224 px tiles at 0.5 um/px (with ``--dense`` every tile
+of the slide, tissue filter off; else its tissue tiles), with the same encoder module in fp32, and
+its tiles/s are printed beside pathvlm's (b) and (c) rows with their ratio to pathvlm's fp32 (b).
+Without LazySlide one line says the peer is skipped (``--no-peer`` skips it too). Keep LazySlide
+out of the project's environment: e.g. a side venv whose .pth adds the project's site-packages.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDE = REPO.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
+TILE_PX, TILE_MPP = 224, 0.5  # the grid of every figure below
 
 
 def write_synthetic_slide(path: Path, side: int = 40_000, tile: int = 512) -> Path:
@@ -122,7 +130,7 @@ def measure_throughput(slide_path: Path, encoder_name: str, workers: int, batch:
 
     torch.manual_seed(0)  # the same (random-init) weights for every precision
     encoder, transform = create_encoder(encoder_name, vision_only=True, precision=precision)
-    tile_cfg = TileConfig(mpp=0.5, size=224, min_tissue=0.0 if dense else TileConfig.min_tissue)
+    tile_cfg = TileConfig(mpp=TILE_MPP, size=TILE_PX, min_tissue=0.0 if dense else TileConfig.min_tissue)
     tissue_cfg = TissueConfig()
     with open_slide(slide_path) as slide:
         grid = tile_slide(slide, tile_cfg, tissue_cfg)
@@ -157,7 +165,91 @@ def measure_throughput(slide_path: Path, encoder_name: str, workers: int, batch:
             t_full = min(t_full, time.perf_counter() - start)
     a, b, c = _rate(n, t_read), _rate(n, t_enc), _rate(n, t_full)
     return {"tiles": n, "read": a, "encode": b, "full": c, "ratio": c / min(a, b),
-            "precision": encoder.precision, "features": bag.features}
+            "precision": encoder.precision, "features": bag.features, "coords": bag.coords,
+            "slide_mpp": slide_mpp}
+
+
+def import_lazyslide():
+    """(lazyslide module, "") when it imports, else (None, why not)."""
+    try:
+        import lazyslide
+        import wsidata  # noqa: F401  (its slide reader; a broken install fails here)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a dependency that does not load
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return lazyslide, ""
+
+
+class ArrayToPil:
+    """LazySlide hands each tile to the transform as an H x W x 3 uint8 array; pathvlm's eval
+    transform takes a PIL image. A class, not a lambda, so DataLoader workers can pickle it."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, tile):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(np.asarray(tile, dtype=np.uint8)))
+
+
+def measure_lazyslide(zs, slide_path: Path, encoder_name: str, workers: int, batch: int, dense: bool,
+                      repeat: int, slide_mpp: float | None, ref: dict) -> dict:
+    """LazySlide's own tiling + ``zs.tl.feature_extraction`` with pathvlm's encoder module in fp32.
+
+    The PatchEncoder is passed as the model: it lacks LazySlide's ``get_transform``/``try_compile``,
+    so LazySlide treats it as a plain callable and runs ``model(batch)``, which is
+    ``encode_image`` (the call timed in (b)). Best of ``repeat``; ``ref`` (pathvlm's first
+    precision) gives the feature cosine on the tiles both grids share.
+    """
+    from importlib.metadata import version
+
+    from wsidata import open_wsi
+
+    from pathvlm.encoders import create_encoder
+
+    torch.manual_seed(0)  # the same random-init weights as pathvlm's runs
+    encoder, transform = create_encoder(encoder_name, vision_only=True, precision="fp32")
+    wrapped = ArrayToPil(transform)
+    with torch.inference_mode():  # warm-up, as (b) had
+        encoder(wrapped(np.zeros((TILE_PX, TILE_PX, 3), np.uint8))[None].to(encoder.device))
+    t_extract = t_total = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        wsi = open_wsi(slide_path, store=None)  # store=None: no zarr written next to the slide
+        # a slide whose reader finds no um/px gets the one pathvlm read
+        mpp_kw = {} if wsi.properties.mpp or slide_mpp is None else {"slide_mpp": slide_mpp}
+        if dense:  # no tissue contours: every tile of the slide's bounds, no background filter
+            zs.pp.tile_tissues(wsi, TILE_PX, mpp=TILE_MPP, tissue_key=None, **mpp_kw)
+        else:  # LazySlide's own tissue detection and default background filter
+            zs.pp.find_tissues(wsi)
+            zs.pp.tile_tissues(wsi, TILE_PX, mpp=TILE_MPP, **mpp_kw)
+        mid = time.perf_counter()
+        features = zs.tl.feature_extraction(
+            wsi, encoder, model_name="pathvlm", transform=wrapped, device=str(encoder.device),
+            amp=False, compile=False, batch_size=batch, num_workers=workers, pbar=False,
+            return_features=True,
+        )
+        end = time.perf_counter()
+        t_extract, t_total = min(t_extract, end - mid), min(t_total, end - start)
+        bounds = wsi.shapes["tiles"].geometry.bounds  # level-0 px
+        wsi.close()
+    n = len(features)
+    corners = bounds[["minx", "miny"]].to_numpy()
+    side = float((bounds["maxx"] - bounds["minx"]).iloc[0]) if n else float("nan")
+    # Pair each pathvlm tile with LazySlide's nearest one. The grids drift apart a little: pathvlm
+    # steps by the exact level-0 extent of 224 px at 0.5 um/px (224.4 px on a 0.499 um/px scan),
+    # LazySlide by that extent rounded to whole pixels; corners within 1/16 tile count as one tile.
+    dist = np.abs(ref["coords"].numpy()[:, None, :] - corners[None, :, :]).max(axis=2)  # [N_ref, n]
+    hit = dist.min(axis=1) <= TILE_PX / 16
+    cos = offset = float("nan")
+    if hit.any():
+        ours = ref["features"][torch.from_numpy(hit)]
+        theirs = torch.from_numpy(np.asarray(features, np.float32)[dist.argmin(axis=1)[hit]])
+        cos = torch.nn.functional.cosine_similarity(ours, theirs).min().item()
+        offset = float(dist.min(axis=1)[hit].max())
+    return {"tiles": n, "extract": _rate(n, t_extract), "full": _rate(n, t_total), "cos": cos,
+            "shared": int(hit.sum()), "offset": offset, "side": side, "version": version("lazyslide"),
+            "mpp_kw": mpp_kw}
 
 
 def time_embed_command(slide: Path, encoder_name: str, workers: int, batch: int, precision: str,
@@ -209,6 +301,44 @@ def peak_rss_child(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def print_peer(peer: dict | None, error: str, why: str, precisions: list[str], runs: list[dict],
+               args) -> None:
+    """LazySlide's figures beside pathvlm's, or the one line that says why there are none."""
+    ref = runs[0]
+    if peer is None:
+        reason = f"the LazySlide run failed ({error})" if error else f"lazyslide is not importable here ({why})"
+        print(f"\npeer row skipped: {reason}")
+        return
+    grid = ("every tile of the slide (tile_tissues(tissue_key=None): no tissue filter)" if args.dense
+            else "its tissue tiles (find_tissues + tile_tissues, default background filter)")
+    ours = "every grid tile with any tissue in its mask" if args.dense else "tissue tiles"
+    mpp_note = f"; slide_mpp={peer['mpp_kw']['slide_mpp']} given (its reader found none)" if peer["mpp_kw"] else ""
+    print(f"\npeer: LazySlide {peer['version']} zs.tl.feature_extraction, fp32 (amp off), with the same "
+          f"PatchEncoder module as a callable and pathvlm's transform; {peer['tiles']} tiles = {grid}, "
+          f"{TILE_PX} px at {TILE_MPP} um/px ({peer['side']:g} level-0 px a side){mpp_note}; pathvlm's "
+          f"grid above: {ref['tiles']} tiles ({ours}); "
+          f"{args.workers} workers, batch {args.batch_size}, best of {args.repeat}")
+    b = ref["encode"]
+    print(f"| tiles/s, side by side | tiles | tiles/s | / pathvlm {ref['precision']} (b) forward |")
+    print("|---|---|---|---|")
+    rows = []
+    for p, r in zip(precisions, runs):
+        rows += [(f"pathvlm {p} ({r['precision']}): (b) encoder forward only", r["tiles"], r["encode"]),
+                 (f"pathvlm {p} ({r['precision']}): (c) full embed", r["tiles"], r["full"])]
+    steps = "tile_tissues" if args.dense else "find_tissues + tile_tissues"
+    rows += [(f"LazySlide {peer['version']} fp32: open_wsi + {steps} + feature_extraction",
+              peer["tiles"], peer["full"]),
+             (f"LazySlide {peer['version']} fp32: feature_extraction alone", peer["tiles"], peer["extract"])]
+    for label, n, rate in rows:
+        print(f"| {label} | {n} | {rate:.2f} | {rate / b:.2f}x |")
+    if peer["shared"]:
+        print(f"LazySlide features vs pathvlm {ref['precision']} on {peer['shared']} paired tiles (corners "
+              f"<= {peer['offset']:g} level-0 px apart): min cosine {peer['cos']:.5f}")
+    else:
+        print("LazySlide features vs pathvlm's: no tile of one grid lies on a tile of the other (its "
+              "tissue tiles start at each tissue's corner), so no cosine")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
@@ -222,6 +352,7 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true", help="no peak-RSS runs")
     parser.add_argument("--mosaic", type=int, default=0, metavar="N",
                         help="benchmark an N x N mosaic of --slide (a larger slide of real tissue)")
+    parser.add_argument("--no-peer", action="store_true", help="skip the LazySlide peer column")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.mosaic > 1:
@@ -242,6 +373,14 @@ def main() -> None:
     commands = [time_embed_command(args.slide, args.encoder, args.workers, args.batch_size, p,
                                    args.repeat) for p in precisions]
     ref = runs[0]
+    zs, why = (None, "--no-peer") if args.no_peer else import_lazyslide()
+    peer, peer_error = None, ""
+    if zs is not None:
+        try:
+            peer = measure_lazyslide(zs, args.slide, args.encoder, args.workers, args.batch_size,
+                                     args.dense, args.repeat, ref["slide_mpp"], ref)
+        except Exception as exc:  # noqa: BLE001 - a peer failure must not lose our figures
+            peer_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
     grid = "dense grid, every tile" if args.dense else "tissue tiles"
     print(f"\n{args.slide.name}: {ref['tiles']} tiles of 224 px at 0.5 um/px ({grid}); best of {args.repeat}")
     print("| stage | " + " | ".join(f"{p} ({r['precision']})" for p, r in zip(precisions, runs)) + " |")
@@ -256,6 +395,7 @@ def main() -> None:
     print("| min feature cosine to the first | " + " | ".join(f"{c:.5f}" for c in cos) + " |")
     print("| whole `pathvlm embed` command (tissue tiles), s | " + " | ".join(f"{t:.1f}" for t in commands) + " |")
     print("| whole command speed-up | " + " | ".join(f"{commands[0] / t:.2f}x" for t in commands) + " |")
+    print_peer(peer, peer_error, why, precisions, runs, args)
     if args.skip_memory:
         return
 
