@@ -183,6 +183,7 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
             run_dir = train_stage("clip", config, [*overrides, f"train.out_dir={run_dir}",
                                                    f"data.train={fold_dir / 'pairs_train.jsonl'}", "data.val="])
             train_minutes = (time.perf_counter() - t0) / 60
+            done = {}  # scores of an earlier encoder of this fold are not this one's
         result = _score_fold(run_dir / "encoder", indexes, fold_dir, score, done)
         if train_minutes is not None or "train_minutes" not in result:
             result["train_minutes"] = train_minutes  # None: trained by an earlier, interrupted run

@@ -119,3 +119,44 @@ def test_smollm2_greedy_tokens_equal_generate_in_fp32_and_bf16():
     for precision in ("fp32", "bf16"):
         for ref, fast in _both(model, precision, max_new_tokens=32):
             assert fast == ref, precision
+
+
+def test_the_models_generation_config_is_followed_or_sends_the_call_to_generate(tiny, monkeypatch):
+    gc = tiny.llm.generation_config
+    eos = gc.eos_token_id
+    tiny.fast_decode = False
+    free = tiny.generate_ids(_bag(2), QUESTIONS[0], max_new_tokens=10)[0].tolist()
+    tiny.fast_decode = True
+    try:  # the model's own min_new_tokens holds when the call gives none
+        gc.eos_token_id, gc.min_new_tokens = [free[1]], 6
+        assert all(r == f for r, f in _both(tiny, "fp32", max_new_tokens=10))
+    finally:
+        gc.eos_token_id, gc.min_new_tokens = eos, None
+    tiny.generate_ids(_bag(0), QUESTIONS[0], max_new_tokens=2)  # a decoder is built
+    monkeypatch.setattr(GreedyDecoder, "generate", lambda self, **kw: pytest.fail("lean loop used"))
+    before = gc.no_repeat_ngram_size
+    try:  # set after the decoder was built: checked on every call
+        gc.no_repeat_ngram_size = 2
+        tiny.generate_ids(_bag(0), QUESTIONS[0], max_new_tokens=3)
+    finally:
+        gc.no_repeat_ngram_size = before
+    assert fast_decode.config_unsupported(gc) is None
+
+
+def test_a_weight_changed_in_any_layer_or_a_replaced_llm_rebuilds_the_decoder(tiny):
+    tiny.generate_ids(_bag(0), QUESTIONS[0], max_new_tokens=2)
+    built = tiny._decoder
+    with torch.no_grad():
+        tiny.llm.model.layers[-1].mlp.up_proj.weight.add_(0.0)  # an optimizer step is in place
+    assert built.stale
+    tiny.generate_ids(_bag(0), QUESTIONS[0], max_new_tokens=2)
+    rebuilt = tiny._decoder
+    assert rebuilt is not built and not rebuilt.stale
+    original = tiny.llm
+    try:
+        tiny.llm = torch.nn.Module()  # e.g. a PEFT wrapper put in its place
+        with pytest.raises(Exception):  # noqa: B017 - not a Llama any more: generate is asked, and fails here
+            tiny.generate_ids(_bag(0), QUESTIONS[0], max_new_tokens=2)
+        assert tiny._decoder is rebuilt  # never used for another LLM object
+    finally:
+        tiny.llm = original

@@ -141,6 +141,12 @@ def test_a_case_goes_on_without_a_slide_too_coarse_to_tile_and_says_so(tiny_mode
     # alone, the same image is an error naming it; a case with no readable slide cannot be answered
     with pytest.raises(SlideError, match=r"coarse\.png: scanned at 20 um/px, 10x coarser .*\(limit 4x\)"):
         tiny_model.ask(str(tmp_path / "coarse.png"), "What tissue is this?", mpp=20, max_new_tokens=2)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")  # a corrupt image is left out the same way
+    (tmp_path / "with_broken.yaml").write_text("id: c7\nslides:\n  - {path: a.png, mpp: 0.5}\n"
+                                               "  - {path: broken.png}\n")
+    kept = resolve_inputs(str(tmp_path / "with_broken.yaml"), tiny_model.encoder, tiny_model.transform, tile)
+    assert [s.name for s in kept] == ["a"] and "slide broken left out of case c7: cannot read image" in kept.left_out[0]
+    assert str(tmp_path) not in kept.left_out[0]  # the reason carries no server path
     (tmp_path / "bad.yaml").write_text("id: c4\nslides:\n  - {path: coarse.png, mpp: 20}\n")
     with pytest.raises(ModelError, match="case c4: no slide could be read"):
         resolve_inputs(str(tmp_path / "bad.yaml"), tiny_model.encoder, tiny_model.transform, tile)

@@ -29,11 +29,15 @@ log = logging.getLogger(__name__)
 _GREEDY_DEFAULTS = {"do_sample": False, "repetition_penalty": 1.0, "num_beams": 1}
 _HANDLED = {"inputs_embeds", "attention_mask", "pad_token_id", "max_new_tokens", "min_new_tokens",
             "streamer", *_GREEDY_DEFAULTS}
-# generation-config fields that add a logits processor or change stopping: must be unset
-_PROCESSOR_FIELDS = ("no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
-                     "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "encoder_no_repeat_ngram_size",
-                     "exponential_decay_length_penalty", "stop_strings", "max_time", "min_length",
-                     "watermarking_config", "token_healing")
+_ONE_IS_OFF = {"num_beam_groups", "num_return_sequences", "guidance_scale"}
+# generation-config fields that add a logits processor, change the search or stopping: each must
+# hold transformers' default (compared with a fresh GenerationConfig), else generate decodes
+_CONFIG_FIELDS = ("no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                  "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "encoder_no_repeat_ngram_size",
+                  "exponential_decay_length_penalty", "stop_strings", "max_time", "min_length",
+                  "watermarking_config", "token_healing", "guidance_scale", "renormalize_logits",
+                  "remove_invalid_values", "cache_implementation", "prompt_lookup_num_tokens", "num_beam_groups",
+                  "diversity_penalty", "num_return_sequences", "low_memory", "penalty_alpha", "dola_layers")
 
 
 def unsupported(llm: Any) -> str | None:
@@ -52,23 +56,38 @@ def unsupported(llm: Any) -> str | None:
         for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
             if type(lin) is not nn.Linear or lin.bias is not None:  # LoRA, bitsandbytes, bias
                 return f"{type(lin).__name__} projection (plain bias-free nn.Linear only)"
+    if getattr(cfg, "_attn_implementation", "sdpa") != "sdpa":
+        return f"attention {cfg._attn_implementation!r} (sdpa only)"
+    if (getattr(cfg, "rope_scaling", None) or {}).get("rope_type", "default") in ("dynamic", "longrope"):
+        return "position-dependent rope scaling"
     if "logits_to_keep" not in inspect.signature(llm.forward).parameters:
         return "transformers older than 4.50 (no logits_to_keep)"
-    gc = getattr(llm, "generation_config", None)
-    for name in _PROCESSOR_FIELDS:
-        if getattr(gc, name, None) not in (None, 0, False, [], ()):
-            return f"generation_config.{name} is set"
+    return config_unsupported(getattr(llm, "generation_config", None))
+
+
+def config_unsupported(gc: Any) -> str | None:
+    """Why ``gc`` (an LLM's generation_config, which generate applies by default) needs generate."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    for name in _CONFIG_FIELDS:
+        value = getattr(gc, name, None)
+        off = value in (None, 0, False, "", [], ()) or (value == 1 and name in _ONE_IS_OFF)
+        if gc is not None and not off and value != getattr(default, name, None):
+            return f"generation_config.{name} = {value!r}"
     return None
 
 
-def call_unsupported(kwargs: dict[str, Any]) -> str | None:
-    """Why a `generate(**kwargs)` call needs `generate` itself (None: the lean loop gives its tokens)."""
+def call_unsupported(kwargs: dict[str, Any], generation_config: Any = None) -> str | None:
+    """Why a `generate(**kwargs)` call needs `generate` itself (None: the lean loop gives its tokens).
+    An option the call leaves out takes the LLM's ``generation_config`` value, as in generate."""
     extra = set(kwargs) - _HANDLED
     if extra:
         return f"generate option(s) {sorted(extra)}"
     for key, value in _GREEDY_DEFAULTS.items():
-        if kwargs.get(key, value) != value:
-            return f"{key}={kwargs[key]!r}"
+        given = kwargs[key] if key in kwargs else getattr(generation_config, key, None)
+        if given is not None and given != value:  # None: unset (transformers 5 leaves defaults None)
+            return f"{key}={given!r}"
     if int(kwargs.get("max_new_tokens") or 0) < 1:
         return "no max_new_tokens"
     embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
@@ -106,9 +125,14 @@ class GreedyDecoder:
         self._key = self._weights_key()
 
     def _weights_key(self) -> tuple:
-        first = self.llm.model.layers[0].self_attn.q_proj.weight
-        head = self.llm.lm_head.weight
-        return (first.dtype, first.data_ptr(), first._version, head.data_ptr(), head._version)
+        """Where every weight the loop copies or reads lives, and its in-place version: a cast, a
+        reload or an optimizer step changes it. (An edit through ``.data`` bumps no version: after
+        one, set the owner's ``_decoder`` to None.)"""
+        weights = [self.llm.lm_head.weight]
+        for layer in self.llm.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            weights += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight]
+        return (weights[0].dtype, *((w.data_ptr(), w._version) for w in weights))
 
     @property
     def stale(self) -> bool:
@@ -147,12 +171,14 @@ class GreedyDecoder:
         return out.logits[:, -1], k_buf, v_buf
 
     @torch.no_grad()
-    def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
+    def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int, min_new_tokens: int | None = None,
                  streamer: Any = None, **_: Any) -> torch.Tensor:
         """New token ids [1, T], as ``generate(inputs_embeds=..., do_sample=False)`` returns them:
         stops after an end-of-sequence token (not before ``min_new_tokens``) or at
         ``max_new_tokens``."""
         llm = self.llm
+        if min_new_tokens is None:  # as generate: the call's value, else the model's
+            min_new_tokens = getattr(llm.generation_config, "min_new_tokens", None) or 0
         eos = llm.generation_config.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long,
                            device=inputs_embeds.device)

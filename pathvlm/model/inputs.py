@@ -75,7 +75,10 @@ def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = Non
             with Image.open(path) as im:
                 image = im.convert("RGB")
         except (OSError, UnidentifiedImageError) as exc:
-            raise ModelError(f"{path}: cannot read image ({exc})") from exc
+            from pathvlm.errors import SlideError
+
+            reason = " ".join(str(exc).replace(str(path), path.name).split()) or type(exc).__name__
+            raise SlideError(path, f"cannot read image ({reason})") from exc
         return [SlideInput(_embed_image(image, encoder, transform, tile, mpp, path), path.stem, stain, part,
                            str(path))]
     from pathvlm.slide import open_slide

@@ -227,12 +227,12 @@ class PathVLM(nn.Module):
         always uses ``generate``."""
         from pathvlm.model import fast_decode
 
-        why = "off" if not self.fast_decode else fast_decode.call_unsupported(kwargs)
+        why = "off" if not self.fast_decode else fast_decode.call_unsupported(kwargs, getattr(self.llm, "generation_config", None))
+        why = why or fast_decode.unsupported(self.llm)  # every call: the LLM or its config may have changed
         if why is None:
             with self._decoder_lock:  # the app streams from a worker thread
-                if self._decoder is None or self._decoder.stale:
-                    why = fast_decode.unsupported(self.llm)
-                    self._decoder = None if why else fast_decode.GreedyDecoder(self.llm)
+                if self._decoder is None or self._decoder.llm is not self.llm or self._decoder.stale:
+                    self._decoder = fast_decode.GreedyDecoder(self.llm)
                 decoder = self._decoder
         if why is not None:
             log.debug("decoding with generate: %s", why)

@@ -53,7 +53,9 @@ class ImageSlide(Slide):
                 f"{min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0)):,} (decompression-bomb guard)",
             ) from exc
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise SlideError(path, f"cannot decode image: {exc}") from exc
+            # PIL's message often repeats the full path; the error already names the file
+            reason = " ".join(str(exc).replace(str(path), Path(path).name).split()) or type(exc).__name__
+            raise SlideError(path, f"cannot decode image: {reason}") from exc
         self._image: Image.Image | None = rgb
         super().__init__(
             path,
