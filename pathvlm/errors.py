@@ -30,6 +30,12 @@ def one_line(text: object) -> str:
     return " ".join("".join(ch if ch.isprintable() else " " for ch in str(text)).split())
 
 
+def reason_without_path(exc: BaseException, path: str | Path) -> str:
+    """A library's message about ``path`` with the full path cut to the file name (PIL repeats it;
+    the SlideError already names the file, and the app must not show server paths)."""
+    return str(exc).replace(str(path), Path(path).name).strip() or type(exc).__name__
+
+
 class ModelError(PathVLMError):
     """A model cannot be built or loaded (unknown name, missing weights, key mismatch)."""
 

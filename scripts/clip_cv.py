@@ -68,9 +68,7 @@ def _resampled_fold_index(index: Path, copies: Path, path: Path) -> Path:
 
     with index.open() as fh:
         rows = [(r["path"], r["label"], r["split"]) for r in csv.DictReader(fh)]
-    shared = write_resampled_copies(rows, copies)
-    path.write_text(shared.read_text())
-    return path
+    return write_resampled_copies(rows, copies, index=path)
 
 
 def _prepare_fold(data: Path, fold_dir: Path, fold: int, k: int, seed: int, sets: list[str],

@@ -108,13 +108,13 @@ def rescale_keep_size(image, factor: float):
 
 
 def write_resampled_copies(rows: list[tuple[str, str, str]], folder, size: int = 224,
-                           mpp: float = 0.5) -> Any:
+                           mpp: float = 0.5, index: Any = None) -> Any:
     """Copies of plain images resampled (bicubic) to ``size`` x ``size`` px, stated to be at ``mpp``
     um/px: how NCT-CRC-HE publishes its tiles (224 px, 0.5 um/px) made from thumbnails of them.
 
-    ``rows``: (image path, label, split). Writes ``folder/<label>/<stem>.png`` and
-    ``folder/index.csv`` (path, label, split, mpp) and returns the index path. A copy already
-    written is kept, so several folds share one folder."""
+    ``rows``: (image path, label, split). Writes ``folder/<label>/<stem>.png`` and an index CSV
+    (path, label, split, mpp; ``index``, default ``folder/index.csv``) and returns the index path.
+    A copy already written is kept, so several folds share one folder."""
     import csv
     from pathlib import Path
 
@@ -132,7 +132,7 @@ def write_resampled_copies(rows: list[tuple[str, str, str]], folder, size: int =
             resized.save(tmp)
             os.replace(tmp, target)
         out_rows.append([str(target.resolve()), label, split, mpp])
-    index = folder / "index.csv"
+    index = Path(index) if index else folder / "index.csv"
     with index.open("w", newline="") as fh:
         csv.writer(fh).writerows([["path", "label", "split", "mpp"], *out_rows])
     return index

@@ -113,6 +113,8 @@ class GreedyDecoder:
         self.llm = llm
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # transformers 5.2x names the KV-cache argument `cache` (`past_key_values` deprecated); older ones the latter
+        self._cache_arg = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
         self.layers = []
         with torch.no_grad():
             for layer in llm.model.layers:
@@ -154,9 +156,7 @@ class GreedyDecoder:
             cache = DynamicCache(config=self.llm.config)
         except TypeError:  # transformers < 4.56
             cache = DynamicCache()
-        # transformers 5.2x names the argument `cache` (`past_key_values` deprecated); older ones the latter
-        name = "cache" if "cache" in inspect.signature(self.llm.forward).parameters else "past_key_values"
-        out = self.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{name: cache})
+        out = self.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         n, p = len(self.layers), embeds.shape[1]
         dtype = self.layers[0]["o"].dtype
         k_buf = torch.empty(n, 1, self.n_kv, total, self.head_dim, dtype=dtype, device=embeds.device)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pathvlm.errors import ModelError
+from pathvlm.errors import ModelError, SlideError, reason_without_path
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,7 @@ def _from_path(path: Path, encoder: Any, transform: Any, stain: str | None = Non
             with Image.open(path) as im:
                 image = im.convert("RGB")
         except (OSError, UnidentifiedImageError) as exc:
-            from pathvlm.errors import SlideError
-
-            reason = " ".join(str(exc).replace(str(path), path.name).split()) or type(exc).__name__
-            raise SlideError(path, f"cannot read image ({reason})") from exc
+            raise SlideError(path, f"cannot read image ({reason_without_path(exc, path)})") from exc
         return [SlideInput(_embed_image(image, encoder, transform, tile, mpp, path), path.stem, stain, part,
                            str(path))]
     from pathvlm.slide import open_slide
@@ -100,7 +97,6 @@ def _from_slide(slide: Any, encoder: Any, transform: Any, stain: str | None = No
 def _embed_image(image: Any, encoder: Any, transform: Any, tile: Any, mpp: float | None,
                  name: Any = "image") -> Any:
     from pathvlm.embed import embed_image
-    from pathvlm.errors import SlideError
     from pathvlm.slide.tiling import upsample_refusal
 
     tile = _tile(tile)
@@ -111,20 +107,23 @@ def _embed_image(image: Any, encoder: Any, transform: Any, tile: Any, mpp: float
                        target_mpp=tile.mpp)
 
 
+def left_out_note(ref: Any, case: Any, exc: SlideError) -> str:
+    """The line that says a case's slide was left out, and why (no server path: the app shows it)."""
+    return f"slide {ref.name or Path(ref.path).name} left out of case {case.id}: {exc.reason}"
+
+
 def _from_case(case: Any, encoder: Any, transform: Any, tile: Any = None,
                mpp: float | None = None) -> SlideInputs:
     """Every readable slide of ``case``; one that cannot be read (corrupt, too coarse to tile) is
     left out with a logged reason in ``left_out``. When none can be read the case cannot be
     answered: ModelError naming every file."""
-    from pathvlm.errors import SlideError
-
     out = SlideInputs()
     for ref in case.slides:
         ref_mpp = getattr(ref, "mpp", None) or mpp  # the manifest's entry wins over the call's
         try:
             items = _from_path(Path(ref.path), encoder, transform, ref.stain, ref.part, tile, ref_mpp)
         except SlideError as exc:
-            note = f"slide {ref.name or Path(ref.path).name} left out of case {case.id}: {exc.reason}"
+            note = left_out_note(ref, case, exc)
             log.warning("%s", note)
             out.left_out.append(note)
             continue

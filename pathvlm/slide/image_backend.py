@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from pathvlm.errors import SlideError
+from pathvlm.errors import SlideError, reason_without_path
 from pathvlm.slide.base import DEFAULT_MAX_PIXELS, Slide, quiet_stderr
 
 
@@ -53,9 +53,7 @@ class ImageSlide(Slide):
                 f"{min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0)):,} (decompression-bomb guard)",
             ) from exc
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            # PIL's message often repeats the full path; the error already names the file
-            reason = " ".join(str(exc).replace(str(path), Path(path).name).split()) or type(exc).__name__
-            raise SlideError(path, f"cannot decode image: {reason}") from exc
+            raise SlideError(path, f"cannot decode image: {reason_without_path(exc, path)}") from exc
         self._image: Image.Image | None = rgb
         super().__init__(
             path,

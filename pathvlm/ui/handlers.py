@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from pathvlm.case import CaseError
 from pathvlm.errors import ConfigError, PathVLMError, SlideError
-from pathvlm.model.inputs import scale_notes
+from pathvlm.model.inputs import left_out_note, scale_notes
 from pathvlm.ui import report as rep
 from pathvlm.ui import viz
 from pathvlm.ui.audit import AuditLog, slide_fingerprint
@@ -179,7 +179,7 @@ class Handlers:
                 prepared, cached = self._add_slide(work, Path(ref.path), ref.stain, tried, activate=first is None,
                                                    mpp=ref.mpp)
             except SlideError as exc:  # unreadable or too coarse: the case goes on without it, and says so
-                work.left_out.append(f"slide {ref.name} left out of case {case.id}: {problem(exc)}")
+                work.left_out.append(left_out_note(ref, case, exc))
                 continue
             except PathVLMError as exc:
                 raise CaseError(src.name, f"slides[{i}] ({ref.name})", problem(exc)) from None
