@@ -295,6 +295,12 @@ def _add_mpp(p: argparse.ArgumentParser, what: str = "plain images") -> None:
                    "at that scale, and the output says so")
 
 
+def _add_views(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--test-views", type=int, choices=(1, 2, 4, 8), default=None, metavar="N",
+                   help="embed each plain-image tile in N turns and mirror images (1, 2, 4 or 8) and "
+                   "average them; default: what the encoder records (the demo model's: see MODEL_CARD.md)")
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -324,6 +330,7 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     _add_precision(p)
     _add_mpp(p)
+    _add_views(p)
     p.set_defaults(func=_cmd_zeroshot)
 
 
@@ -333,7 +340,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     from pathvlm.eval.common import load_eval_model
     from pathvlm.zeroshot import ZeroShotClassifier
 
-    model = load_eval_model(args.model, precision=args.precision or "auto")
+    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views)
     clf = ZeroShotClassifier(model.model, classes=args.classes, prompts=args.prompts, transform=model.transform,
                              batch_size=args.batch_size, top_k=args.top_k,
                              progress=False if args.quiet else None)
@@ -364,6 +371,7 @@ def _eval_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     _add_precision(p)
     _add_mpp(p, "the images whose CSV row gives none")
+    _add_views(p)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -430,7 +438,7 @@ def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
         all_classes=args.all_classes, split=args.split, batch_size=args.batch_size, n_boot=args.n_boot,
         seed=args.seed, resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter,
         mpp=args.mpp)
-    model = load_eval_model(args.model, precision=args.precision or "auto")
+    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views)
     _print_eval(run_zeroshot_eval(model, args.data, cfg, args.json_out))
     return 0
 
@@ -445,7 +453,7 @@ def _cmd_eval_probe(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
         resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter,
         mpp=args.mpp)
-    model = load_eval_model(args.model, precision=args.precision or "auto")
+    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views)
     _print_eval(run_linear_probe(model, cfg, args.json_out))
     return 0
 
@@ -458,7 +466,7 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
                     max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
                     resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter,
                     mpp=args.mpp, route=not args.llm_only)
-    model = load_eval_model(args.model, precision=args.precision or "auto")
+    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views)
     _print_eval(run_vqa_eval(model.model, args.data, cfg, model.info(), args.json_out))
     return 0
 

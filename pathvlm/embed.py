@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pathvlm.config import from_dict
+from pathvlm.encoders.patch_encoder import views_problem
 from pathvlm.encoders.registry import DEFAULT_ENCODER
 from pathvlm.errors import ConfigError, PathVLMError, SlideError
 from pathvlm.features import FeatureBag, is_complete, write_features
@@ -326,7 +327,8 @@ def embed_image(
     target_mpp: float | None = None,
     batch_size: int = 64,
 ) -> FeatureBag:
-    """Encode one plain PIL image as a small bag of tiles (cut by `image_tiles`).
+    """Encode one plain PIL image as a small bag of tiles (cut by `image_tiles`); each tile's
+    feature is the mean over the encoder's ``test_views`` (`tile_views`).
 
     ``image_mpp``: the image's own um/px; ``target_mpp``: the scale tiles are cut at (the
     model's ``tile_mpp``). With both, tiles are resampled to the target scale; without
@@ -337,14 +339,17 @@ def embed_image(
 
     image = image.convert("RGB")
     tiles, coords = image_tiles(image, size, image_mpp, target_mpp)
+    views = encoder_views(encoder)
+    seen = [v for t in tiles for v in tile_views(t, views)]
     with torch.inference_mode():
         batches = [
-            torch.stack([transform(t) for t in tiles[i : i + batch_size]])
-            for i in range(0, len(tiles), batch_size)
+            torch.stack([transform(t) for t in seen[i : i + batch_size]])
+            for i in range(0, len(seen), batch_size)
         ]
         feats = torch.cat(
             [encoder.encode_image(b.to(encoder.device)).float().cpu() for b in batches]
         )
+    feats = feats.reshape(len(tiles), views, -1).mean(dim=1)  # each tile: the mean of its views
     attrs = {
         "encoder": encoder.name,
         "encoder_weights_hash": encoder.weights_hash,
@@ -354,6 +359,7 @@ def embed_image(
         "mpp": float(target_mpp or image_mpp or 0.0),
         "image_mpp": float(image_mpp or target_mpp or 0.0),  # the pixel size used (or assumed)
         "mpp_assumed": image_mpp is None,
+        "test_views": views,
         "pathvlm_version": __version__,
     }
     return FeatureBag(feats, torch.tensor(coords, dtype=torch.int64).reshape(-1, 2), attrs)
@@ -414,6 +420,28 @@ def image_tiles(
     return tiles, coords
 
 
+# The views a plain image's tiles are seen in at test time (``PatchEncoder.test_views``): tissue
+# has no up, down, left or right, so the encoder's embeddings of a tile's turns and mirror images
+# are equally valid and their mean is steadier than any one. 1: as is; 2: and its left-right
+# mirror; 4: and its top-bottom mirror and half turn; 8: every turn and mirror of the square.
+_VIEW_OPS = ((), ("FLIP_LEFT_RIGHT",), ("FLIP_TOP_BOTTOM",), ("ROTATE_180",), ("ROTATE_90",),
+             ("ROTATE_270",), ("TRANSPOSE",), ("TRANSVERSE",))
+
+
+def encoder_views(encoder: Any) -> int:
+    """How many views of each plain-image tile ``encoder`` averages (1 when it records none)."""
+    return int(getattr(encoder, "test_views", None) or 1)
+
+
+def tile_views(tile: Any, n: int) -> list[Any]:
+    """The first ``n`` (one of TEST_VIEWS) turns and mirror images of a PIL tile, itself first."""
+    from PIL import Image
+
+    if views_problem(n):
+        raise ConfigError(views_problem(n))
+    return [tile] + [tile.transpose(getattr(Image.Transpose, op[0])) for op in _VIEW_OPS[1:n]]
+
+
 def pooled_image_embeddings(
     images: Sequence[Any],
     encoder: Any,
@@ -434,8 +462,9 @@ def pooled_image_embeddings(
     in chat) instead of being shrunk to one input; its unit tile embeddings are averaged and
     re-normalised. ``mpp`` (one value, or one per image; None = unknown) is the images' own
     pixel size, resampled to ``target_mpp`` (the encoder's tile scale) when both are known.
-    ``size=None`` embeds each image whole (slide tiles, already cut). Tiles of many images share
-    batches.
+    ``size=None`` embeds each image whole (slide tiles, already cut). Each tile is seen in the
+    encoder's ``test_views`` turns and mirror images (`tile_views`), averaged with its tiles.
+    Tiles of many images share batches.
     """
     from tqdm.auto import tqdm
 
@@ -463,10 +492,11 @@ def pooled_image_embeddings(
             "given with a pixel size cannot be resampled; use a model, or an encoder saved with "
             "tile_mpp"
         )
+    views = encoder_views(encoder)
     for i in tqdm(range(len(images)), desc=desc, disable=not progress):
         image = load(images[i]).convert("RGB")
         tiles = [image] if size is None else image_tiles(image, size, per_image[i], target_mpp)[0]
-        pending += [(i, t) for t in tiles]
+        pending += [(i, v) for t in tiles for v in tile_views(t, views)]
         if len(pending) >= batch_size:
             flush()
     if pending:

@@ -10,7 +10,8 @@ as `pathvlm data build` builds them, mixed as `make demo-model` mixes them: the 
 pairs repeated ``--repeat-small`` times beside the PCam pairs) and the encoder is scored on the
 held-out fold of the sets named by ``--score``: zero-shot with the prompt file, zero-shot on perturbed
 held-out images (``ROBUST``: CRC resampled to 224 px at 0.5 um/px, rescaled x0.75 / x1.5, stain
-jitter), and a linear probe fitted on the training folds. The summary pools the held-out predictions of all folds into one
+jitter), zero-shot with 2, 4 and 8 test-time views (``VIEWS``: each tile's turns and mirror images
+averaged), and a linear probe fitted on the training folds. The summary pools the held-out predictions of all folds into one
 confusion matrix per evaluation (balanced accuracy over every train specimen) and lists the
 per-fold values. A fold already scored is not retrained, so a killed run picks up where it stopped;
 a fold whose encoder is trained but lacks some scores (an older run) gets only the missing ones.
@@ -40,6 +41,11 @@ SMALL = ("lymphoma", "crc")  # the few-hundred-image sets that `make demo-model`
 ROBUST = {"crc": {"zeroshot_mpp0.5_224px": {"mpp": 0.5}, "zeroshot_mpp0.75": {"resize_mpp_factor": 0.75},
                   "zeroshot_mpp1.5": {"resize_mpp_factor": 1.5}, "zeroshot_stain0.05": {"stain_jitter": 0.05}},
           "pcam": {"zeroshot_stain0.05": {"stain_jitter": 0.05}}}
+# Zero-shot with test-time views (`pathvlm.embed.tile_views`: each tile's turns and mirror images
+# averaged): base kind -> its fields; scored as "<base>_views<n>" for every n in VIEW_COUNTS from one
+# pass per view (the views are nested: n views are the first n of the eight).
+VIEWS = {"crc": {"zeroshot": {}, "zeroshot_mpp0.5_224px": {"mpp": 0.5}}, "pcam": {"zeroshot": {}}}
+VIEW_COUNTS = (2, 4, 8)
 
 
 def _write_fold_index(rows, folds: list[int], fold: int, path: Path) -> None:
@@ -104,7 +110,7 @@ def _prepare_fold(data: Path, fold_dir: Path, fold: int, k: int, seed: int, sets
 
 
 def _score_fold(encoder_dir: Path, indexes: dict[str, Path], fold_dir: Path, score: list[str],
-                done: dict | None = None) -> dict:
+                done: dict | None = None, kinds: list[str] | None = None) -> dict:
     """Every evaluation of ``score`` that ``done`` (an earlier scores.json) lacks, merged into it."""
     from pathvlm.eval.common import load_eval_model
     from pathvlm.eval.linear_probe import LinearProbeConfig, run_linear_probe
@@ -115,10 +121,17 @@ def _score_fold(encoder_dir: Path, indexes: dict[str, Path], fold_dir: Path, sco
     for short in score:
         index, have = indexes[short], out.setdefault(short, {})
         prompts = f"configs/prompts/{SETS[short][2]}.json"
-        for kind in _kinds(short):
+        for kind in _kinds(short, kinds):
             if kind in have:
                 continue
             model = model or load_eval_model(f"encoder:local-dir:{encoder_dir}")
+            view_base = next((b for b in VIEWS.get(short, {}) if kind.startswith(f"{b}_views")
+                              and kind[len(b) + 6:].isdigit()), None)
+            if view_base is not None:
+                fields = VIEWS[short][view_base]
+                source = indexes["crc@224"] if "mpp" in fields else index
+                have.update(_views_scores(model, source, prompts, fields.get("mpp"), view_base))
+                continue
             if kind == "linear_probe":
                 r = run_linear_probe(model, LinearProbeConfig(train=str(index), test=str(index), train_split="train",
                                                               test_split="val", n_boot=0), fold_dir / f"lp_{short}.json")
@@ -131,8 +144,46 @@ def _score_fold(encoder_dir: Path, indexes: dict[str, Path], fold_dir: Path, sco
     return out
 
 
-def _kinds(short: str) -> list[str]:
-    return ["zeroshot", "linear_probe", *ROBUST.get(short, {})]
+def _kinds(short: str, only: list[str] | None = None) -> list[str]:
+    """The evaluations of set ``short`` (those named in ``only``, when given)."""
+    every = ["zeroshot", "linear_probe", *ROBUST.get(short, {}),
+             *(f"{base}_views{n}" for base in VIEWS.get(short, {}) for n in VIEW_COUNTS)]
+    return [k for k in every if not only or k in only]
+
+
+def _views_scores(model, source: Path, prompts: str, mpp: float | None, base: str) -> dict:
+    """``{"<base>_views<n>": score}`` for n in VIEW_COUNTS: the held-out images embedded once in each
+    of the eight views of `tile_views`, the first n views' unit embeddings summed. For one-tile
+    images (CRC, PCam) that is exactly what an encoder with ``test_views = n`` computes."""
+    import torch
+
+    from pathvlm.embed import pooled_image_embeddings, tile_views
+    from pathvlm.encoders import native_tile_size
+    from pathvlm.eval.common import ImageSequence
+    from pathvlm.eval.datasets import load_dataset, match_classes
+    from pathvlm.eval.metrics import classification_metrics
+    from pathvlm.zeroshot import ZeroShotClassifier, make_prompt_set
+
+    data = load_dataset(source, "val")
+    prompt_set = make_prompt_set(prompts)
+    label_map = match_classes(data.labels, prompt_set)
+    prompt_set = prompt_set.subset([k for k in prompt_set.names if k in set(label_map.values())])
+    clf = ZeroShotClassifier(model.model, prompts=prompt_set, transform=model.transform)
+    images, mpps = ImageSequence(data.paths), data.image_mpps(mpp)
+    per_view = []
+    for k in range(max(VIEW_COUNTS)):
+        def seen(tile, k=k):
+            return model.transform(tile_views(tile, max(VIEW_COUNTS))[k])
+        per_view.append(pooled_image_embeddings(images, model.encoder, seen, native_tile_size(model.encoder),
+                                                64, clf._device(), False, mpp=mpps, target_mpp=clf.tile_mpp))
+    y_true = np.array([clf.classes.index(label_map[lab]) for lab in data.labels])
+    out = {}
+    for n in VIEW_COUNTS:
+        emb = torch.nn.functional.normalize(torch.stack(per_view[:n]).sum(0), dim=-1)
+        logits = clf.logits_from_embeddings(emb)
+        r = classification_metrics(y_true, logits.argmax(1), clf.classes, None)
+        out[f"{base}_views{n}"] = {"balanced_accuracy": r["balanced_accuracy"], "confusion": r["confusion_matrix"]}
+    return out
 
 
 def _pooled(per_fold: list[dict], short: str, kind: str) -> dict:
@@ -152,7 +203,7 @@ def _pooled(per_fold: list[dict], short: str, kind: str) -> dict:
 
 def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[str],
         sets: list[str] | None = None, score: list[str] | None = None, repeat_small: int = 1,
-        score_per_class: int = 0) -> dict:
+        score_per_class: int = 0, kinds: list[str] | None = None) -> dict:
     from pathvlm.train import train_stage
 
     sets = sets or ["lymphoma", "crc"]
@@ -167,7 +218,7 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
         if stamp.is_file() and json.loads(stamp.read_text()) != recipe:
             raise SystemExit(f"{fold_dir}: made by another recipe ({stamp}); use another --out")
         done = json.loads(scores.read_text()) if scores.is_file() else {}
-        if all(kind in done.get(short, {}) for short in score for kind in _kinds(short)):
+        if all(kind in done.get(short, {}) for short in score for kind in _kinds(short, kinds)):
             per_fold.append(done)
             continue
         indexes = _prepare_fold(data, fold_dir, fold, k, seed, sets, repeat_small, score_per_class)
@@ -182,7 +233,7 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
                                                    f"data.train={fold_dir / 'pairs_train.jsonl'}", "data.val="])
             train_minutes = (time.perf_counter() - t0) / 60
             done = {}  # scores of an earlier encoder of this fold are not this one's
-        result = _score_fold(run_dir / "encoder", indexes, fold_dir, score, done)
+        result = _score_fold(run_dir / "encoder", indexes, fold_dir, score, done, kinds)
         if train_minutes is not None or "train_minutes" not in result:
             result["train_minutes"] = train_minutes  # None: trained by an earlier, interrupted run
         scores.write_text(json.dumps(result, indent=2))
@@ -192,7 +243,8 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
     summary = {"config": config, "overrides": overrides, "folds": k, "seed": seed, "sets": sets,
                "repeat_small": repeat_small, "score_per_class": score_per_class,
                "train_minutes": [f["train_minutes"] for f in per_fold],
-               **{f"{s}_{kind}": _pooled(per_fold, s, kind) for s in score for kind in _kinds(s)}}
+               **{f"{s}_{kind}": _pooled(per_fold, s, kind) for s in score for kind in _kinds(s)
+                  if all(kind in f.get(s, {}) for f in per_fold)}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for key, value in summary.items():
         if isinstance(value, dict):
@@ -219,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-per-class", type=int, default=0,
                         help="score on at most N images a class of each fold (seeded; 0 = all): "
                         "PCam's 5,000-patch folds take ~10 min each to embed on 2 cores")
+    parser.add_argument("--kinds", default="", help="comma-separated evaluations to score (default: all; "
+                        "e.g. zeroshot,zeroshot_views8,linear_probe)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value for the clip stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -233,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     run(args.config, args.out, args.data, args.folds, args.seed, args.overrides, sets, score, args.repeat_small,
-        args.score_per_class)
+        args.score_per_class, [k for k in args.kinds.split(",") if k] or None)
     return 0
 
 

@@ -91,6 +91,16 @@ def state_dict_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+TEST_VIEWS = (1, 2, 4, 8)  # test-time views of a plain-image tile (pathvlm.embed.tile_views)
+
+
+def views_problem(value: Any) -> str | None:
+    """Why ``value`` is not a number of test-time views, or None when it is one."""
+    if isinstance(value, bool) or value not in TEST_VIEWS:
+        return f"test_views must be one of {', '.join(map(str, TEST_VIEWS))}, got {value!r}"
+    return None
+
+
 class PatchEncoder(nn.Module):
     """Image (and optionally text) encoder with a fixed output size ``embed_dim``.
 
@@ -104,6 +114,9 @@ class PatchEncoder(nn.Module):
             ``pathvlm`` section.
         tile_mpp: the um/px of the tiles it was trained on (None: not recorded); plain images
             given with their own pixel size are resampled to it. Saved in the ``pathvlm`` section.
+        test_views: how many turns and mirror images of each plain-image tile are embedded and
+            averaged (`pathvlm.embed.tile_views`: 1, 2, 4 or 8; whole slides are not). Saved in
+            the ``pathvlm`` section.
         random_weights: built from a seeded random init (tests and benchmarks only).
     """
 
@@ -131,6 +144,7 @@ class PatchEncoder(nn.Module):
         # source pixels of one tile at tile_mpp, which the transform resizes to the input size
         # (None: tiles are cut at the input size)
         self.tile_size: int | None = None
+        self.test_views = 1
         self.random_weights = False
         self.precision = "fp32"  # of the image tower; see set_precision
         self.reduced_precision_note = reduced_precision_note(self.model_cfg)  # "" where bf16 is equal
@@ -238,6 +252,8 @@ class PatchEncoder(nn.Module):
             meta["tile_mpp"] = float(self.tile_mpp)
         if self.tile_size is not None:
             meta["tile_size"] = int(self.tile_size)
+        if self.test_views != 1:
+            meta["test_views"] = int(self.test_views)
         config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg, "pathvlm": meta}
         (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         save_file(tensors, str(out_dir / WEIGHTS_NAME))

@@ -32,6 +32,7 @@ from pathvlm.encoders.patch_encoder import (
     PatchEncoder,
     build_clip,
     reduced_precision_note,
+    views_problem,
 )
 from pathvlm.encoders.trunks import TRUNKS, get_trunk, load_pretrained_trunk
 from pathvlm.errors import ModelError
@@ -313,6 +314,10 @@ def _from_config_and_weights(
     model = build_clip(model_cfg, pretrained_text=weights_path is None or text_from_package)
     encoder = PatchEncoder(name, model, model_cfg, preprocess, vision_only=vision_only)
     encoder.tile_size = meta.get("tile_size")
+    views = meta.get("test_views", 1)
+    if views_problem(views):
+        raise ModelError(f"{config_path}: pathvlm.{views_problem(views)}")
+    encoder.test_views = int(views)
     if meta.get("stain_norm") is not None:
         encoder.stain_norm = stain_reference_from_dict(meta["stain_norm"], f"{config_path}: stain_norm")
     if meta.get("tile_mpp") is not None:

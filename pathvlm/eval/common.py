@@ -24,15 +24,31 @@ class EvalModel:
     name: str
     weights_hash: str
 
-    def info(self) -> dict[str, str]:
-        return {"model": self.name, "weights_hash": self.weights_hash}
+    def info(self) -> dict[str, Any]:
+        from pathvlm.embed import encoder_views
+
+        return {"model": self.name, "weights_hash": self.weights_hash, "test_views": encoder_views(self.encoder)}
 
 
-def load_eval_model(spec: str, device: str | None = None, precision: str = "fp32") -> EvalModel:
+def load_eval_model(spec: str, device: str | None = None, precision: str = "fp32",
+                    views: int | None = None) -> EvalModel:
     """``encoder:<encoder name>`` builds a bare encoder; anything else goes to ``load_model``.
 
     ``precision``: the encoder's (and LLM's) inference precision, see `pathvlm.precision`.
+    ``views``: test-time views of each plain-image tile (`pathvlm.embed.tile_views`); None keeps
+    what the encoder records.
     """
+    model = _load_eval_model(spec, device, precision)
+    if views is not None:
+        from pathvlm.encoders.patch_encoder import views_problem
+
+        if views_problem(views):
+            raise ConfigError(views_problem(views))
+        model.encoder.test_views = int(views)
+    return model
+
+
+def _load_eval_model(spec: str, device: str | None, precision: str) -> EvalModel:
     if spec.startswith(ENCODER_PREFIX):
         from pathvlm.encoders import create_encoder
 
@@ -203,13 +219,14 @@ def _embedding_cache_path(encoder: Any, images: ImageSequence, mpp: list[float |
     """Where the embeddings of these files under this encoder are kept between evaluations
     (linear probe, few-shot k = 1, 4, 16 and their seeds embed the same images), or None when the
     encoder has no recorded weights hash or an item is not a file. The key covers the weights, the
-    precision, tile scale, every file's path, size and mtime, the images' pixel sizes and the
+    precision, tile scale, test views, every file's path, size and mtime, the images' pixel sizes and the
     perturbation; ``PATHVLM_EMBED_CACHE=0``
     turns it off."""
     import hashlib
     import json
     from pathlib import Path
 
+    from pathvlm.embed import encoder_views
     from pathvlm.encoders import native_tile_size
     from pathvlm.model.llm import cache_root
 
@@ -225,7 +242,8 @@ def _embedding_cache_path(encoder: Any, images: ImageSequence, mpp: list[float |
         files.append([str(Path(item).resolve()), st.st_size, st.st_mtime_ns])
     pert = images.perturbation.describe() if images.perturbation is not None and images.perturbation.active else None
     key = json.dumps([weights, getattr(encoder, "precision", "fp32"), native_tile_size(encoder),
-                      getattr(encoder, "tile_mpp", None), pert, files, mpp, target_mpp])  # images' own pixel sizes and the scale they were cut at
+                      getattr(encoder, "tile_mpp", None), encoder_views(encoder), pert, files, mpp,
+                      target_mpp])  # images' own pixel sizes and the scale they were cut at
     return cache_root() / "embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
 
 

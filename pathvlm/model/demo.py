@@ -34,7 +34,7 @@ RUN_FILES = ("config.yaml", "train_config.yaml", "metrics.csv")  # small files o
 
 def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path | None = None,
                   vlm_run: Path | None = None, tile_mpp: float = 1.0, tile_size: int = 112,
-                  seed: int = 0, align_run: Path | None = None) -> Path:
+                  seed: int = 0, align_run: Path | None = None, test_views: int = 1) -> Path:
     """Write the demo model directory; returns it.
 
     Args:
@@ -47,11 +47,14 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
             and says so in meta.json (``untrained_parts``).
         tile_mpp, tile_size: the scale whole slides are cut at (the encoder's training scale).
         align_run: the align run the instruct run started from; only its config and metrics are kept.
+        test_views: turns and mirror images each plain-image tile is embedded in and averaged over,
+            recorded with the encoder (`pathvlm.embed.tile_views`).
     """
     from safetensors.torch import save_model
 
     from pathvlm.config import load_config, save_config
     from pathvlm.encoders import create_encoder
+    from pathvlm.encoders.patch_encoder import views_problem
     from pathvlm.model.vlm import ModelConfig, build_model
 
     out_dir = Path(out_dir)
@@ -61,6 +64,9 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     clip.tile_mpp = float(tile_mpp)  # recorded with the encoder, so a bare encoder knows its scale
+    if views_problem(test_views):
+        raise ModelError(views_problem(test_views))
+    clip.test_views = int(test_views)
     clip.save(out_dir / "encoder", omit_package_text=True)
     encoder_name = "pathvlm-demo" if out_dir.resolve() == DEMO_DIR else f"local-dir:{out_dir / 'encoder'}"
     if vlm_run is not None:
@@ -127,10 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
     parser.add_argument("--tile-mpp", type=float, default=1.0)
     parser.add_argument("--tile-size", type=int, default=112)
+    parser.add_argument("--test-views", type=int, default=1,
+                        help="turns and mirror images of each plain-image tile averaged (1, 2, 4, 8)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = assemble_demo(args.encoder, args.out, args.clip_run, args.vlm_run, args.tile_mpp, args.tile_size,
-                        align_run=args.align_run)
+                        align_run=args.align_run, test_views=args.test_views)
     print(f"demo model written to {out}")
     return 0
 
