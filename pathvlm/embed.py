@@ -340,16 +340,15 @@ def embed_image(
     image = image.convert("RGB")
     tiles, coords = image_tiles(image, size, image_mpp, target_mpp)
     views = encoder_views(encoder)
-    seen = [v for t in tiles for v in tile_views(t, views)]
+    step = max(1, batch_size // views)  # tiles a batch; their views are built batch by batch
+    parts = []
     with torch.inference_mode():
-        batches = [
-            torch.stack([transform(t) for t in seen[i : i + batch_size]])
-            for i in range(0, len(seen), batch_size)
-        ]
-        feats = torch.cat(
-            [encoder.encode_image(b.to(encoder.device)).float().cpu() for b in batches]
-        )
-    feats = feats.reshape(len(tiles), views, -1).mean(dim=1)  # each tile: the mean of its views
+        for i in range(0, len(tiles), step):
+            chunk = tiles[i : i + step]
+            x = torch.stack([transform(v) for t in chunk for v in tile_views(t, views)])
+            emb = encoder.encode_image(x.to(encoder.device)).float().cpu()
+            parts.append(emb.reshape(len(chunk), views, -1).mean(dim=1))  # each tile: the mean of its views
+    feats = torch.cat(parts)
     attrs = {
         "encoder": encoder.name,
         "encoder_weights_hash": encoder.weights_hash,
@@ -434,7 +433,9 @@ def encoder_views(encoder: Any) -> int:
 
 
 def tile_views(tile: Any, n: int) -> list[Any]:
-    """The first ``n`` (one of TEST_VIEWS) turns and mirror images of a PIL tile, itself first."""
+    """The first ``n`` (one of TEST_VIEWS) turns and mirror images of a PIL tile, itself first.
+    The first 2 and 4 are each closed under composition. A tile that is not square (an image's
+    clipped edge) turned a quarter is a different shape, which the encoder transform resizes."""
     from PIL import Image
 
     if views_problem(n):
@@ -462,9 +463,9 @@ def pooled_image_embeddings(
     in chat) instead of being shrunk to one input; its unit tile embeddings are averaged and
     re-normalised. ``mpp`` (one value, or one per image; None = unknown) is the images' own
     pixel size, resampled to ``target_mpp`` (the encoder's tile scale) when both are known.
-    ``size=None`` embeds each image whole (slide tiles, already cut). Each tile is seen in the
-    encoder's ``test_views`` turns and mirror images (`tile_views`), averaged with its tiles.
-    Tiles of many images share batches.
+    ``size=None`` embeds each image whole (slide tiles, already cut, one view each, as
+    `embed_slide` does). Otherwise each tile is seen in the encoder's ``test_views`` turns and
+    mirror images (`tile_views`), averaged with its tiles. Tiles of many images share batches.
     """
     from tqdm.auto import tqdm
 
@@ -492,7 +493,7 @@ def pooled_image_embeddings(
             "given with a pixel size cannot be resampled; use a model, or an encoder saved with "
             "tile_mpp"
         )
-    views = encoder_views(encoder)
+    views = 1 if size is None else encoder_views(encoder)
     for i in tqdm(range(len(images)), desc=desc, disable=not progress):
         image = load(images[i]).convert("RGB")
         tiles = [image] if size is None else image_tiles(image, size, per_image[i], target_mpp)[0]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pathvlm.calibration import Calibration, HeadCalibration, softmax
+from pathvlm.embed import encoder_views
 from pathvlm.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,11 @@ class Scorer:
             self.problem = (f"calibration {cal.path or ''} was fitted for encoder weights "
                             f"{cal.encoder_weights_hash}, this model has {encoder.weights_hash}: "
                             "ignored (re-run `pathvlm calibrate`)")
+            cal = None
+        elif cal.meta.get("encoder_test_views", 1) != encoder_views(encoder):
+            self.problem = (f"calibration {cal.path or ''} was fitted with {cal.meta.get('encoder_test_views', 1)} "
+                            f"test view(s) of each tile, this encoder uses {encoder_views(encoder)}: ignored "
+                            "(re-run `pathvlm calibrate`)")
             cal = None
         if self.problem:
             log.warning("%s", self.problem)

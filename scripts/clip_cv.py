@@ -170,12 +170,16 @@ def _views_scores(model, source: Path, prompts: str, mpp: float | None, base: st
     prompt_set = prompt_set.subset([k for k in prompt_set.names if k in set(label_map.values())])
     clf = ZeroShotClassifier(model.model, prompts=prompt_set, transform=model.transform)
     images, mpps = ImageSequence(data.paths), data.image_mpps(mpp)
-    per_view = []
-    for k in range(max(VIEW_COUNTS)):
-        def seen(tile, k=k):
-            return model.transform(tile_views(tile, max(VIEW_COUNTS))[k])
-        per_view.append(pooled_image_embeddings(images, model.encoder, seen, native_tile_size(model.encoder),
-                                                64, clf._device(), False, mpp=mpps, target_mpp=clf.tile_mpp))
+    per_view, recorded = [], model.encoder.test_views
+    model.encoder.test_views = 1  # each pass below is one view
+    try:
+        for k in range(max(VIEW_COUNTS)):
+            def seen(tile, k=k):
+                return model.transform(tile_views(tile, max(VIEW_COUNTS))[k])
+            per_view.append(pooled_image_embeddings(images, model.encoder, seen, native_tile_size(model.encoder),
+                                                    64, clf._device(), False, mpp=mpps, target_mpp=clf.tile_mpp))
+    finally:
+        model.encoder.test_views = recorded
     y_true = np.array([clf.classes.index(label_map[lab]) for lab in data.labels])
     out = {}
     for n in VIEW_COUNTS:
@@ -203,7 +207,7 @@ def _pooled(per_fold: list[dict], short: str, kind: str) -> dict:
 
 def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[str],
         sets: list[str] | None = None, score: list[str] | None = None, repeat_small: int = 1,
-        score_per_class: int = 0, kinds: list[str] | None = None) -> dict:
+        score_per_class: int = 0, kinds: list[str] | None = None, only_folds: list[int] | None = None) -> dict:
     from pathvlm.train import train_stage
 
     sets = sets or ["lymphoma", "crc"]
@@ -213,6 +217,8 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
               "repeat_small": repeat_small, "score_per_class": score_per_class}
     per_fold = []
     for fold in range(k):
+        if only_folds is not None and fold not in only_folds:
+            continue
         fold_dir = out / f"fold{fold}"
         scores, stamp = fold_dir / "scores.json", fold_dir / "recipe.json"
         if stamp.is_file() and json.loads(stamp.read_text()) != recipe:
@@ -240,7 +246,7 @@ def run(config: str, out: Path, data: Path, k: int, seed: int, overrides: list[s
         per_fold.append(result)
         print(f"fold {fold}: " + ", ".join(f"{s} {kind} {v[kind]['balanced_accuracy']:.3f}"
                                            for s, v in result.items() if s in SETS for kind in v), flush=True)
-    summary = {"config": config, "overrides": overrides, "folds": k, "seed": seed, "sets": sets,
+    summary = {"config": config, "overrides": overrides, "folds": k, "only_folds": only_folds, "seed": seed, "sets": sets,
                "repeat_small": repeat_small, "score_per_class": score_per_class,
                "train_minutes": [f["train_minutes"] for f in per_fold],
                **{f"{s}_{kind}": _pooled(per_fold, s, kind) for s in score for kind in _kinds(s)
@@ -273,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                         "PCam's 5,000-patch folds take ~10 min each to embed on 2 cores")
     parser.add_argument("--kinds", default="", help="comma-separated evaluations to score (default: all; "
                         "e.g. zeroshot,zeroshot_views8,linear_probe)")
+    parser.add_argument("--only-folds", default="", help="comma-separated folds to run (default: all); "
+                        "the summary pools those folds only")
     parser.add_argument("overrides", nargs="*", help="key.sub=value for the clip stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -286,8 +294,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--sets/--score: unknown {unknown} or scored set not trained on (sets: {', '.join(SETS)})",
               file=sys.stderr)
         return 2
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = sorted(set(kinds) - {k for s in score for k in _kinds(s)})
+    only = [int(f) for f in args.only_folds.split(",") if f.strip().isdigit()]
+    if unknown or len(only) != len([f for f in args.only_folds.split(",") if f]) or any(
+            f >= args.folds for f in only):
+        print(f"--kinds: unknown {unknown} (of {', '.join(dict.fromkeys(k for s in score for k in _kinds(s)))}) "
+              f"or --only-folds {args.only_folds!r} not folds of 0..{args.folds - 1}", file=sys.stderr)
+        return 2
     run(args.config, args.out, args.data, args.folds, args.seed, args.overrides, sets, score, args.repeat_small,
-        args.score_per_class, [k for k in args.kinds.split(",") if k] or None)
+        args.score_per_class, kinds or None, only or None)
     return 0
 
 

@@ -33,6 +33,7 @@ from pathvlm.calibration import (
     head_metrics,
     softmax,
 )
+from pathvlm.embed import encoder_views
 from pathvlm.errors import ConfigError
 from pathvlm.eval.datasets import load_csv
 from pathvlm.provenance import provenance
@@ -205,7 +206,8 @@ def fit_calibration(model: Any, data_root: str | Path, heads: list[str] | None =
             "seconds": round(time.perf_counter() - t0, 1), "limit": limit,
             "model": getattr(model, "run_dir", None) and Path(model.run_dir).name,
             # the scores were computed with the encoder in this precision (`auto` may keep it fp32)
-            "encoder_precision": str(getattr(model.encoder, "precision", "fp32"))}
+            "encoder_precision": str(getattr(model.encoder, "precision", "fp32")),
+            "encoder_test_views": encoder_views(model.encoder)}
     return Calibration(out, t_global, target, model.encoder.weights_hash, meta)
 
 

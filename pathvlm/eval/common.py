@@ -44,6 +44,8 @@ def load_eval_model(spec: str, device: str | None = None, precision: str = "fp32
 
         if views_problem(views):
             raise ConfigError(views_problem(views))
+        if model.encoder is None:
+            raise ConfigError(f"--test-views: model {spec!r} has no patch encoder")
         model.encoder.test_views = int(views)
     return model
 

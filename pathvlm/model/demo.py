@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pathvlm.errors import ModelError
+from pathvlm.errors import ConfigError, ModelError
 from pathvlm.provenance import record_run_weights
 from pathvlm.resources import demo_weights_dir
 
@@ -34,7 +34,7 @@ RUN_FILES = ("config.yaml", "train_config.yaml", "metrics.csv")  # small files o
 
 def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path | None = None,
                   vlm_run: Path | None = None, tile_mpp: float = 1.0, tile_size: int = 112,
-                  seed: int = 0, align_run: Path | None = None, test_views: int = 1) -> Path:
+                  seed: int = 0, align_run: Path | None = None, test_views: int | None = None) -> Path:
     """Write the demo model directory; returns it.
 
     Args:
@@ -48,7 +48,7 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
         tile_mpp, tile_size: the scale whole slides are cut at (the encoder's training scale).
         align_run: the align run the instruct run started from; only its config and metrics are kept.
         test_views: turns and mirror images each plain-image tile is embedded in and averaged over,
-            recorded with the encoder (`pathvlm.embed.tile_views`).
+            recorded with the encoder (`pathvlm.embed.tile_views`); None keeps what it records.
     """
     from safetensors.torch import save_model
 
@@ -57,6 +57,8 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
     from pathvlm.encoders.patch_encoder import views_problem
     from pathvlm.model.vlm import ModelConfig, build_model
 
+    if test_views is not None and views_problem(test_views):  # before anything is removed
+        raise ConfigError(views_problem(test_views))
     out_dir = Path(out_dir)
     spec = f"local-dir:{encoder}" if Path(encoder).is_dir() else str(encoder)
     # read the encoder first: it may live in out_dir (re-assembling around the shipped encoder)
@@ -64,9 +66,8 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     clip.tile_mpp = float(tile_mpp)  # recorded with the encoder, so a bare encoder knows its scale
-    if views_problem(test_views):
-        raise ModelError(views_problem(test_views))
-    clip.test_views = int(test_views)
+    if test_views is not None:
+        clip.test_views = int(test_views)
     clip.save(out_dir / "encoder", omit_package_text=True)
     encoder_name = "pathvlm-demo" if out_dir.resolve() == DEMO_DIR else f"local-dir:{out_dir / 'encoder'}"
     if vlm_run is not None:
@@ -133,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
     parser.add_argument("--tile-mpp", type=float, default=1.0)
     parser.add_argument("--tile-size", type=int, default=112)
-    parser.add_argument("--test-views", type=int, default=1,
-                        help="turns and mirror images of each plain-image tile averaged (1, 2, 4, 8)")
+    parser.add_argument("--test-views", type=int, choices=(1, 2, 4, 8), default=None,
+                        help="turns and mirror images of each plain-image tile averaged (default: what "
+                        "the encoder records)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = assemble_demo(args.encoder, args.out, args.clip_run, args.vlm_run, args.tile_mpp, args.tile_size,

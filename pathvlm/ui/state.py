@@ -140,7 +140,8 @@ def encoder_key(model: Any) -> str:
     enc = getattr(model, "encoder", None)
     if enc is None:
         return "no-encoder"
-    return f"{getattr(enc, 'name', type(enc).__name__)}:{getattr(enc, 'weights_hash', '')}"
+    views = getattr(enc, "test_views", 1) or 1  # a plain image's features depend on them
+    return f"{getattr(enc, 'name', type(enc).__name__)}:{getattr(enc, 'weights_hash', '')}:{views}"
 
 
 def file_fingerprint(path: Path, chunk: int = 4 << 20) -> str:
