@@ -296,6 +296,7 @@ def _add_mpp(p: argparse.ArgumentParser, what: str = "plain images") -> None:
 
 
 def _add_views(p: argparse.ArgumentParser) -> None:
+    # = patch_encoder.TEST_VIEWS, written out: building the parser imports no torch
     p.add_argument("--test-views", type=int, choices=(1, 2, 4, 8), default=None, metavar="N",
                    help="embed each plain-image tile in N turns and mirror images (1, 2, 4 or 8) and "
                    "average them; default: what the encoder records (the demo model's: see MODEL_CARD.md)")

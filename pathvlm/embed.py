@@ -423,8 +423,9 @@ def image_tiles(
 # has no up, down, left or right, so the encoder's embeddings of a tile's turns and mirror images
 # are equally valid and their mean is steadier than any one. 1: as is; 2: and its left-right
 # mirror; 4: and its top-bottom mirror and half turn; 8: every turn and mirror of the square.
-_VIEW_OPS = ((), ("FLIP_LEFT_RIGHT",), ("FLIP_TOP_BOTTOM",), ("ROTATE_180",), ("ROTATE_90",),
-             ("ROTATE_270",), ("TRANSPOSE",), ("TRANSVERSE",))
+# (PIL Image.Transpose names of the views after the tile itself)
+_VIEW_OPS = ("FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM", "ROTATE_180", "ROTATE_90", "ROTATE_270", "TRANSPOSE",
+             "TRANSVERSE")
 
 
 def encoder_views(encoder: Any) -> int:
@@ -438,9 +439,9 @@ def tile_views(tile: Any, n: int) -> list[Any]:
     clipped edge) turned a quarter is a different shape, which the encoder transform resizes."""
     from PIL import Image
 
-    if views_problem(n):
-        raise ConfigError(views_problem(n))
-    return [tile] + [tile.transpose(getattr(Image.Transpose, op[0])) for op in _VIEW_OPS[1:n]]
+    if problem := views_problem(n):
+        raise ConfigError(problem)
+    return [tile] + [tile.transpose(Image.Transpose[op]) for op in _VIEW_OPS[: n - 1]]
 
 
 def pooled_image_embeddings(

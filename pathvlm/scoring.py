@@ -165,10 +165,9 @@ class Scorer:
                             f"{cal.encoder_weights_hash}, this model has {encoder.weights_hash}: "
                             "ignored (re-run `pathvlm calibrate`)")
             cal = None
-        elif cal.meta.get("encoder_test_views", 1) != encoder_views(encoder):
-            self.problem = (f"calibration {cal.path or ''} was fitted with {cal.meta.get('encoder_test_views', 1)} "
-                            f"test view(s) of each tile, this encoder uses {encoder_views(encoder)}: ignored "
-                            "(re-run `pathvlm calibrate`)")
+        elif (fitted := cal.meta.get("encoder_test_views", 1)) != (views := encoder_views(encoder)):
+            self.problem = (f"calibration {cal.path or ''} was fitted with {fitted} test view(s) of each "
+                            f"tile, this encoder uses {views}: ignored (re-run `pathvlm calibrate`)")
             cal = None
         if self.problem:
             log.warning("%s", self.problem)

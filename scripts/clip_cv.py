@@ -125,8 +125,7 @@ def _score_fold(encoder_dir: Path, indexes: dict[str, Path], fold_dir: Path, sco
             if kind in have:
                 continue
             model = model or load_eval_model(f"encoder:local-dir:{encoder_dir}")
-            view_base = next((b for b in VIEWS.get(short, {}) if kind.startswith(f"{b}_views")
-                              and kind[len(b) + 6:].isdigit()), None)
+            view_base = _view_kinds(short).get(kind)
             if view_base is not None:
                 fields = VIEWS[short][view_base]
                 source = indexes["crc@224"] if "mpp" in fields else index
@@ -146,9 +145,13 @@ def _score_fold(encoder_dir: Path, indexes: dict[str, Path], fold_dir: Path, sco
 
 def _kinds(short: str, only: list[str] | None = None) -> list[str]:
     """The evaluations of set ``short`` (those named in ``only``, when given)."""
-    every = ["zeroshot", "linear_probe", *ROBUST.get(short, {}),
-             *(f"{base}_views{n}" for base in VIEWS.get(short, {}) for n in VIEW_COUNTS)]
+    every = ["zeroshot", "linear_probe", *ROBUST.get(short, {}), *_view_kinds(short)]
     return [k for k in every if not only or k in only]
+
+
+def _view_kinds(short: str) -> dict[str, str]:
+    """``"<base>_views<n>"`` -> its base kind, for every view evaluation of set ``short``."""
+    return {f"{base}_views{n}": base for base in VIEWS.get(short, {}) for n in VIEW_COUNTS}
 
 
 def _views_scores(model, source: Path, prompts: str, mpp: float | None, base: str) -> dict:

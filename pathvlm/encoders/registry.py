@@ -315,8 +315,8 @@ def _from_config_and_weights(
     encoder = PatchEncoder(name, model, model_cfg, preprocess, vision_only=vision_only)
     encoder.tile_size = meta.get("tile_size")
     views = meta.get("test_views", 1)
-    if views_problem(views):
-        raise ModelError(f"{config_path}: pathvlm.{views_problem(views)}")
+    if problem := views_problem(views):
+        raise ModelError(f"{config_path}: pathvlm.{problem}")
     encoder.test_views = int(views)
     if meta.get("stain_norm") is not None:
         encoder.stain_norm = stain_reference_from_dict(meta["stain_norm"], f"{config_path}: stain_norm")

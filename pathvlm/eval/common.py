@@ -42,8 +42,8 @@ def load_eval_model(spec: str, device: str | None = None, precision: str = "fp32
     if views is not None:
         from pathvlm.encoders.patch_encoder import views_problem
 
-        if views_problem(views):
-            raise ConfigError(views_problem(views))
+        if problem := views_problem(views):
+            raise ConfigError(problem)
         if model.encoder is None:
             raise ConfigError(f"--test-views: model {spec!r} has no patch encoder")
         model.encoder.test_views = int(views)

@@ -57,8 +57,8 @@ def assemble_demo(encoder: str | Path, out_dir: Path = DEMO_DIR, clip_run: Path 
     from pathvlm.encoders.patch_encoder import views_problem
     from pathvlm.model.vlm import ModelConfig, build_model
 
-    if test_views is not None and views_problem(test_views):  # before anything is removed
-        raise ConfigError(views_problem(test_views))
+    if test_views is not None and (problem := views_problem(test_views)):  # before anything is removed
+        raise ConfigError(problem)
     out_dir = Path(out_dir)
     spec = f"local-dir:{encoder}" if Path(encoder).is_dir() else str(encoder)
     # read the encoder first: it may live in out_dir (re-assembling around the shipped encoder)
@@ -125,6 +125,8 @@ def _copy_adapter(src: Path, dst: Path, base: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pathvlm.encoders.patch_encoder import TEST_VIEWS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoder", required=True,
                         help="clip-stage encoder folder, or a create_encoder name (openclip:<arch>@<ckpt>)")
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
     parser.add_argument("--tile-mpp", type=float, default=1.0)
     parser.add_argument("--tile-size", type=int, default=112)
-    parser.add_argument("--test-views", type=int, choices=(1, 2, 4, 8), default=None,
+    parser.add_argument("--test-views", type=int, choices=TEST_VIEWS, default=None,
                         help="turns and mirror images of each plain-image tile averaged (default: what "
                         "the encoder records)")
     args = parser.parse_args(argv)

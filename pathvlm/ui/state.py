@@ -140,8 +140,10 @@ def encoder_key(model: Any) -> str:
     enc = getattr(model, "encoder", None)
     if enc is None:
         return "no-encoder"
-    views = getattr(enc, "test_views", 1) or 1  # a plain image's features depend on them
-    return f"{getattr(enc, 'name', type(enc).__name__)}:{getattr(enc, 'weights_hash', '')}:{views}"
+    from pathvlm.embed import encoder_views
+
+    # a plain image's features depend on the encoder's test views
+    return f"{getattr(enc, 'name', type(enc).__name__)}:{getattr(enc, 'weights_hash', '')}:{encoder_views(enc)}"
 
 
 def file_fingerprint(path: Path, chunk: int = 4 << 20) -> str:
