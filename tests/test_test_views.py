@@ -161,13 +161,9 @@ def test_assembling_a_model_with_a_bad_view_count_removes_nothing(tiny, tmp_path
 
 
 def test_clip_cv_names_an_unknown_evaluation_or_fold_before_training(tmp_path, capsys):
-    import importlib.util
+    from conftest import load_script
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("clip_cv", REPO / "scripts" / "clip_cv.py")
-    clip_cv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(clip_cv)
+    clip_cv = load_script("clip_cv")
     assert clip_cv._kinds("pcam") == ["zeroshot", "linear_probe", "zeroshot_stain0.05", "zeroshot_views2",
                                       "zeroshot_views4", "zeroshot_views8"]
     (tmp_path / "lymphoma_nia").mkdir()

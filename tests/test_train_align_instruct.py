@@ -20,7 +20,6 @@ from pathvlm.errors import ModelError
 from pathvlm.model import ModelConfig, build_model, load_model
 from pathvlm.model.processor import SLIDE_TOKEN, SlideSlot, add_slide_token, render_conversation
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"encoder": "openclip:pathvlm-tiny", "n_tokens": 4, "hidden_dim": 32, "max_case_tokens": 8,
               "tile_size": 32, "llm_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                               "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -294,9 +293,9 @@ def test_qlora_without_bitsandbytes_is_a_clear_error(align_run, data, tmp_path, 
 # -- the user fine-tuning script ------------------------------------------------------------------
 
 def test_finetune_script_before_after_and_merge(instruct_run, data, tmp_path):
-    spec = importlib.util.spec_from_file_location("finetune_lora", REPO / "scripts" / "finetune_lora.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from conftest import load_script
+
+    script = load_script("finetune_lora")
     out = tmp_path / "ft"
     assert script.main(["--model", str(instruct_run), "--data", str(data / "chats.jsonl"), "--val-fraction", "0.3",
                         "--out", str(out), "--steps", "8", "--batch-size", "4", "--lr", "5e-3", "--lora-r", "4",
