@@ -68,8 +68,11 @@ def run(data: Path, model_name: str, limit: int = 0) -> dict:
 
     model = load_eval_model(model_name)
     enc, transform = model.encoder, model.transform
-    size, tile_mpp = native_tile_size(enc), enc.tile_mpp
-    zs = ZeroShotClassifier(model.model, prompts="configs/prompts/crc_tissue.json")
+    size, tile_mpp = native_tile_size(enc), getattr(enc, "tile_mpp", None)
+    if not tile_mpp:
+        raise SystemExit(f"{model_name}: its encoder records no tile scale (tile_mpp), so there is no "
+                         "resampling route to check")
+    zs = ZeroShotClassifier(model.model, prompts="crc_tissue")
     with (data / "crc_tiles" / "index.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     train = [r for r in rows if r["split"] == "train"][: limit or None]
