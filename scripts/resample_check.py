@@ -63,7 +63,7 @@ def run(data: Path, model_name: str, limit: int = 0) -> dict:
     from pathvlm.embed import pooled_image_embeddings
     from pathvlm.encoders import native_tile_size
     from pathvlm.eval.common import load_eval_model
-    from pathvlm.eval.metrics import balanced_accuracy
+    from pathvlm.eval.metrics import balanced_accuracy, confusion_matrix
     from pathvlm.zeroshot import ZeroShotClassifier
 
     model = load_eval_model(model_name)
@@ -93,9 +93,7 @@ def run(data: Path, model_name: str, limit: int = 0) -> dict:
         out = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
                "label_agreement": float(np.mean(predict(ref) == predict(emb)))}
         if with_labels:
-            k = len(zs.classes)
-            cm = np.zeros((k, k), dtype=np.int64)
-            np.add.at(cm, (labels, predict(emb)), 1)
+            cm = confusion_matrix(labels, predict(emb), len(zs.classes))
             out["balanced_accuracy"] = balanced_accuracy(cm)  # over the classes present
         return out
 
