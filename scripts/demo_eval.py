@@ -102,6 +102,27 @@ def _crc_val_at_half_micron(data: Path, out: Path) -> Path:
     return write_resampled_copies(rows, out / "crc_val_224")
 
 
+def _paired_gap(native: Path, other: Path) -> tuple[float, float, float]:
+    """Balanced accuracy of ``other`` minus ``native`` (two zero-shot predictions CSVs of the same
+    images, matched by file stem) with its paired bootstrap 95% interval."""
+    import csv
+
+    from pathvlm.eval.metrics import paired_difference_ci
+
+    def read(path: Path) -> dict[str, tuple[str, str]]:
+        with path.open() as fh:
+            return {Path(r["path"]).stem: (r["label"], r["predicted"]) for r in csv.DictReader(fh)}
+
+    a, b = read(native), read(other)
+    if set(a) != set(b):
+        raise SystemExit(f"{other}: not the images of {native} ({len(set(a) ^ set(b))} differ)")
+    keys = sorted(a)
+    classes = sorted({v for k in keys for v in (*a[k], b[k][1])})
+    y = [classes.index(a[k][0]) for k in keys]
+    return paired_difference_ci(y, [classes.index(a[k][1]) for k in keys], [classes.index(b[k][1]) for k in keys],
+                                len(classes))
+
+
 def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
@@ -126,6 +147,9 @@ def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path
                 r = json.loads(js.read_text())
                 rows.append(("zero-shot crc, val tiles at 224 px 0.5 um/px (--mpp 0.5)", _ci(r),
                              f"{r['accuracy']:.3f}"))
+                diff, lo, hi = _paired_gap(out / "zs_crc_predictions.csv", out / "zs_crc_224px_mpp0.5_predictions.csv")
+                rows.append(("the same minus native crc (paired bootstrap over the tiles)",
+                             f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]", ""))
             except subprocess.CalledProcessError as exc:  # an eval without --mpp support
                 rows.append(("zero-shot crc, val tiles at 224 px 0.5 um/px (--mpp 0.5)",
                              f"not measured (exit {exc.returncode})", ""))

@@ -17,6 +17,7 @@ from pathvlm.eval.metrics import (
     confusion_matrix,
     expected_calibration_error,
     metric_cis,
+    paired_difference_ci,
     per_class_recall,
     save_confusion_png,
     weighted_f1,
@@ -74,6 +75,24 @@ def test_bootstrap_contains_point_estimate(fixed_labels):
     glo, ghi = metric_cis(y_true, y_pred, 4, groups=groups, n_boot=300)["accuracy"]
     assert glo <= np.mean(y_true == y_pred) <= ghi
     assert bootstrap_ci(lambda idx: 1.0, 10, n_boot=20) == (1.0, 1.0)
+
+
+def test_paired_difference_ci_is_of_the_difference(fixed_labels):
+    y_true, y_pred = fixed_labels
+    assert paired_difference_ci(y_true, y_pred, y_pred, 4, n_boot=50) == (0.0, 0.0, 0.0)
+    better = y_pred.copy()
+    wrong = np.flatnonzero(better != y_true)[:3]
+    better[wrong] = y_true[wrong]  # three errors mended, nothing else changed
+    diff, lo, hi = paired_difference_ci(y_true, y_pred, better, 4, n_boot=300)
+    cm = confusion_matrix
+    assert diff == pytest.approx(balanced_accuracy(cm(y_true, better, 4)) - balanced_accuracy(cm(y_true, y_pred, 4)))
+    # every resample scores both on the same items, so it can never show the mended one as worse;
+    # two unpaired intervals of ~0.25 each would both straddle the other's figure
+    assert 0 <= lo <= diff <= hi < 0.2
+    rlo, rhi = paired_difference_ci(y_true, better, y_pred, 4, n_boot=300)[1:]
+    assert (rlo, rhi) == pytest.approx((-hi, -lo))
+    with pytest.raises(ValueError, match="length"):
+        paired_difference_ci(y_true, y_pred[:-1], y_pred, 4)
 
 
 def test_confusion_png(tmp_path):
