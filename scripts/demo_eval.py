@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from pathvlm.eval.report import output_paths
+
 # set -> (folder in DATA, prompt file stem, VQA on it, robustness variants on it)
 SETS = {"lymphoma": ("lymphoma_nia", "lymphoma", True, False), "crc": ("crc_tiles", "crc_tissue", True, True),
         "pcam": ("pcam", "lymph_node_metastasis", False, False)}
@@ -147,7 +149,8 @@ def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path
                 r = json.loads(js.read_text())
                 rows.append(("zero-shot crc, val tiles at 224 px 0.5 um/px (--mpp 0.5)", _ci(r),
                              f"{r['accuracy']:.3f}"))
-                diff, lo, hi = _paired_gap(out / "zs_crc_predictions.csv", out / "zs_crc_224px_mpp0.5_predictions.csv")
+                diff, lo, hi = _paired_gap(output_paths(out / "zs_crc.json")["predictions"],
+                                           output_paths(js)["predictions"])
                 rows.append(("the same minus native crc (paired bootstrap over the tiles)",
                              f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]", ""))
             except subprocess.CalledProcessError as exc:  # an eval without --mpp support
