@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-from pathvlm.eval.report import output_paths
-
 # set -> (folder in DATA, prompt file stem, VQA on it, robustness variants on it)
 SETS = {"lymphoma": ("lymphoma_nia", "lymphoma", True, False), "crc": ("crc_tiles", "crc_tissue", True, True),
         "pcam": ("pcam", "lymph_node_metastasis", False, False)}
@@ -105,11 +103,14 @@ def _crc_val_at_half_micron(data: Path, out: Path) -> Path:
 
 
 def _paired_gap(native: Path, other: Path) -> tuple[float, float, float]:
-    """Balanced accuracy of ``other`` minus ``native`` (two zero-shot predictions CSVs of the same
-    images, matched by file stem) with its paired bootstrap 95% interval."""
+    """Balanced accuracy of ``other`` minus ``native`` (two zero-shot evals' ``--json`` of the same
+    images; their predictions CSVs matched by file stem) with its paired bootstrap 95% interval."""
     import csv
 
     from pathvlm.eval.metrics import paired_difference_ci
+    from pathvlm.eval.report import output_paths
+
+    native, other = output_paths(native)["predictions"], output_paths(other)["predictions"]
 
     def read(path: Path) -> dict[str, tuple[str, str]]:
         with path.open() as fh:
@@ -149,8 +150,7 @@ def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path
                 r = json.loads(js.read_text())
                 rows.append(("zero-shot crc, val tiles at 224 px 0.5 um/px (--mpp 0.5)", _ci(r),
                              f"{r['accuracy']:.3f}"))
-                diff, lo, hi = _paired_gap(output_paths(out / "zs_crc.json")["predictions"],
-                                           output_paths(js)["predictions"])
+                diff, lo, hi = _paired_gap(out / "zs_crc.json", js)
                 rows.append(("the same minus native crc (paired bootstrap over the tiles)",
                              f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]", ""))
             except subprocess.CalledProcessError as exc:  # an eval without --mpp support
