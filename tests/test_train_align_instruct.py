@@ -174,7 +174,7 @@ def test_align_trains_only_aggregator_and_projector(align_run, align_cfg):
     assert all(name.startswith(("aggregator.", "projector.")) for name in changed), sorted(changed)
     assert {n for n in final if n.startswith("projector.")} <= changed
     assert len([n for n in changed if n.startswith("aggregator.")]) >= 4  # all but unused parameters
-    saved = load_model(align_run)  # the run's own llm/ and encoder are the untouched starting weights
+    saved = load_model(align_run, device="cpu")  # the run's own llm/ and encoder are the untouched starting weights
     for name, value in start.llm.state_dict().items():
         assert torch.equal(saved.llm.state_dict()[name], value), name
     for name, value in start.encoder.state_dict().items():
@@ -201,7 +201,7 @@ def test_align_resume_continues_with_same_loss(align_run, align_cfg, tmp_path):
 def test_instruct_trains_lora_and_projector_only(instruct_run, align_run):
     losses = _train_losses(instruct_run)
     assert losses[12] < losses[1]
-    start = load_model(align_run).state_dict()
+    start = load_model(align_run, device="cpu").state_dict()
     final = load_file(str(instruct_run / "checkpoints" / "step_0000012" / "model.safetensors"))
     lora = [k for k in final if "lora_" in k]
     assert lora and any(float(final[k].abs().max()) > 0 for k in lora if "lora_B" in k)

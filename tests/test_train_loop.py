@@ -173,3 +173,13 @@ def test_shipped_train_configs_resolve(path):
     assert stage in list_stages()
     cfg = load_stage_config(stage, path, ["train.steps=5"])
     assert cfg.train.steps == 5 and cfg.optim.lr > 0
+
+
+def test_runs_in_one_process_each_get_their_own_precision(tmp_path):
+    """accelerate's process-wide state refused a second run with another mixed precision (or a CPU
+    run after a GPU one), as in a notebook or a CV script; each single-process run starts fresh."""
+    first = run_training(_cfg(tmp_path / "bf16", steps=4, mixed_precision="bf16"), ToyTask)
+    second = run_training(_cfg(tmp_path / "fp32", steps=4, mixed_precision="fp32"), ToyTask)
+    assert (first / "toy.pt").is_file() and (second / "toy.pt").is_file()
+    with (second / "metrics.csv").open() as fh:
+        assert len([r for r in csv.DictReader(fh) if r.get("train/loss")]) >= 2

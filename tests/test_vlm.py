@@ -137,7 +137,7 @@ def test_save_load_round_trip(model, tmp_path):
     model.save_pretrained(tmp_path / "run")
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.yaml", "meta.json", "aggregator.safetensors", "projector.safetensors", "llm"} <= names
-    loaded = load_model(tmp_path / "run")
+    loaded = load_model(tmp_path / "run", device="cpu")  # beside the CPU-built model
     for b in (bag(20, 5), bag(0)):
         torch.testing.assert_close(loaded.prepare(b, "Q?"), model.prepare(b, "Q?"), rtol=0, atol=0)
         assert torch.equal(loaded.generate_ids(b, "Q?", **GEN), model.generate_ids(b, "Q?", **GEN))
@@ -204,4 +204,4 @@ def test_image_through_tiny_encoder(tmp_path):
     assert torch.equal(m.generate_ids(tmp_path / "img.png", "What stain is this?", **GEN), out)
     run = m.save_pretrained(tmp_path / "run")
     assert (run / "encoder.safetensors").is_file()
-    assert torch.equal(load_model(run).generate_ids(image, "What stain is this?", **GEN), out)
+    assert torch.equal(load_model(run, device="cpu").generate_ids(image, "What stain is this?", **GEN), out)

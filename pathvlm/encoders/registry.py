@@ -36,6 +36,7 @@ from pathvlm.encoders.patch_encoder import (
 )
 from pathvlm.encoders.trunks import TRUNKS, get_trunk, load_pretrained_trunk
 from pathvlm.errors import ModelError
+from pathvlm.precision import default_device
 from pathvlm.resources import demo_weights_dir
 
 log = logging.getLogger(__name__)
@@ -183,12 +184,6 @@ def get_encoder_entry(name: str) -> EncoderEntry:
     if name not in _REGISTRY:
         raise ModelError(f"unknown encoder {name!r}; registered: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
-
-
-def _default_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -515,5 +510,5 @@ def create_encoder(
             f"unknown encoder {name!r}: not registered ({', '.join(_REGISTRY)}), "
             "not openclip:/local-dir:/hf-hub:, and not an existing checkpoint file"
         )
-    encoder = encoder.to(_default_device(device)).eval()
+    encoder = encoder.to(default_device(device)).eval()
     return encoder.set_precision(precision), transform

@@ -66,7 +66,7 @@ def _load_eval_model(spec: str, device: str | None, precision: str) -> EvalModel
             f"cannot load model {spec!r}: pathvlm.model is not available in this "
             "install; use --model encoder:<encoder name>"
         ) from exc
-    model = load_model(spec, precision=precision)
+    model = load_model(spec, precision=precision, device=device)
     encoder = getattr(model, "encoder", None)
     transform = getattr(model, "transform", None)
     whash = getattr(model, "weights_hash", None) or getattr(encoder, "weights_hash", "unknown")

@@ -138,13 +138,15 @@ def _load_calibration(run: Path) -> Any:
     return load_calibration(path)
 
 
-def load_model(name_or_dir: str | Path, precision: str = "fp32", merge_lora: bool = True) -> Any:
+def load_model(name_or_dir: str | Path, precision: str = "fp32", merge_lora: bool = True,
+               device: str | Any | None = None) -> Any:
     """A PathVLM from a run directory or a registered name (see ``list_models``).
 
     ``precision``: ``fp32`` (default; what training starts from), or ``auto``/``bf16``/``fp16``
     for inference (`PathVLM.set_precision`). ``merge_lora``: fold a LoRA adapter into the LLM's
     weights (faster decoding; the model can then not be saved or trained further); False keeps
-    the peft adapter, as training stages load it.
+    the peft adapter, as training stages load it. ``device``: where the whole model runs (``cpu``,
+    ``cuda``, ``cuda:1``); None: CUDA when available, else the CPU.
     """
     key = str(name_or_dir)
     run = _MODELS.get(key, Path(key).expanduser())
@@ -155,4 +157,7 @@ def load_model(name_or_dir: str | Path, precision: str = "fp32", merge_lora: boo
         raise ModelError(f"{key}: not a run directory or a registered model ({', '.join(list_models())})")
     if not (run / "config.yaml").is_file():
         raise ModelError(f"{run}: not a model run directory (no config.yaml)")
-    return _load_run_dir(run, merge_lora).set_precision(precision)
+    from pathvlm.precision import default_device
+
+    model = _load_run_dir(run, merge_lora).to(default_device(device))  # weights are read on the CPU
+    return model.set_precision(precision)

@@ -357,7 +357,7 @@ def build_model(cfg: ModelConfig, llm: tuple[Any, Any] | None = None) -> PathVLM
     if cfg.encoder:
         from pathvlm.encoders import create_encoder
 
-        encoder, transform = create_encoder(cfg.encoder)
+        encoder, transform = create_encoder(cfg.encoder, device="cpu")  # the model moves as one (load_model)
         in_dim = int(encoder.embed_dim)
     elif cfg.feature_dim:
         in_dim = int(cfg.feature_dim)

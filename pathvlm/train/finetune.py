@@ -22,7 +22,7 @@ def merge_adapter(run: Path, out: Path) -> Path:
     """Write a copy of ``run`` with its LoRA adapter merged into the LLM (saved under ``llm/``)."""
     from pathvlm.model import load_model
 
-    vlm = load_model(run, merge_lora=False)
+    vlm = load_model(run, merge_lora=False, device="cpu")  # saved from the CPU
     if not hasattr(vlm.llm, "merge_and_unload"):
         raise ConfigError(f"{run}: has no LoRA adapter to merge")
     vlm.llm = vlm.llm.merge_and_unload()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -213,6 +214,19 @@ def _evaluate(task: Task, model: nn.Module) -> dict[str, float]:
     return results
 
 
+def _fresh_accelerate_state() -> None:
+    """accelerate keeps one state per process and refuses a second ``Accelerator`` with another
+    device or mixed precision (a GPU run, then ``train.cpu=true``, in one notebook or CV script).
+    A single-process run starts from a fresh state; under a distributed launch the state holds
+    the process group and every run shares the launch's settings, so it is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def run_training(cfg: Any, make_task: Callable[[], Task]) -> Path:
     """Train the task ``make_task()`` builds under ``cfg.train`` / ``cfg.optim``; return the run dir.
 
@@ -229,6 +243,7 @@ def run_training(cfg: Any, make_task: Callable[[], Task]) -> Path:
     # sync_with_dataloader off: optimiser steps fall every grad_accum micro-batches across epoch
     # ends, so a checkpoint (always taken right after a step) resumes in phase
     mixed_precision = resolve_mixed_precision(tc.mixed_precision, tc.cpu)
+    _fresh_accelerate_state()
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=tc.grad_accum, sync_with_dataloader=False),
         mixed_precision=mixed_precision, cpu=tc.cpu,

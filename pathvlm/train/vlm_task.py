@@ -278,7 +278,7 @@ def start_model(cfg: Any, quantization: str | None = None) -> Any:
     from pathvlm.model import build_model, load_model
 
     if quantization is None:
-        return load_model(cfg.init, merge_lora=False) if cfg.init else build_model(cfg.model)
+        return load_model(cfg.init, merge_lora=False, device="cpu") if cfg.init else build_model(cfg.model)
     from pathvlm.config import load_config
     from pathvlm.model.loading import _MODELS, load_strict
     from pathvlm.model.vlm import ModelConfig
