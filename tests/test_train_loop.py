@@ -128,16 +128,26 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path):
     assert [int(r["step"]) for r in evals] == [10, 20, 30]
 
 
+class LengthToyTask(ToyTask):
+    """The toy task with a token count per sample, for ``train.group_by_length``."""
+
+    def train_lengths(self):
+        return [3 + (7 * i) % 11 for i in range(len(self.data))]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("grad_accum", [1, 3])
-def test_resume_after_kill_gives_the_same_losses(tmp_path, grad_accum):
+def test_resume_after_kill_gives_the_same_losses(tmp_path, grad_accum, grouped):
     out = tmp_path / "run"
-    run_training(_cfg(out, steps=24, save_every=8, keep_checkpoints=3, grad_accum=grad_accum), ToyTask)
+    task = LengthToyTask if grouped else ToyTask
+    cfg = _cfg(out, steps=24, save_every=8, keep_checkpoints=3, grad_accum=grad_accum, group_by_length=grouped)
+    run_training(cfg, task)
     full = _train_losses(out)
     final = torch.load(out / "toy.pt", weights_only=True)
     # a run killed after step 16's checkpoint: the newer checkpoint and the final weights never existed
     shutil.rmtree(out / "checkpoints" / "step_0000024")
     (out / "toy.pt").unlink()
-    run_training(_cfg(out, steps=24, save_every=8, keep_checkpoints=3, grad_accum=grad_accum), ToyTask)
+    run_training(cfg, task)
     resumed = _train_losses(out)
     assert sorted(resumed) == list(range(1, 25))
     for step in range(17, 25):  # 40 samples / batch 8: epochs end mid-way, so data position matters
@@ -183,3 +193,35 @@ def test_runs_in_one_process_each_get_their_own_precision(tmp_path):
     assert (first / "toy.pt").is_file() and (second / "toy.pt").is_file()
     with (second / "metrics.csv").open() as fh:
         assert len([r for r in csv.DictReader(fh) if r.get("train/loss")]) >= 2
+
+
+def test_group_by_length_batches_similar_lengths_and_stays_a_seeded_permutation():
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 200, (1000,), generator=rng).tolist()
+
+    def batches(sampler, epoch):
+        sampler.set_epoch(epoch)
+        order = [i for i, _ in sampler]
+        return order, [order[k:k + 8] for k in range(0, 1000, 8)]
+
+    grouped = EpochSampler(1000, seed=5, lengths=lengths, batch_size=8)
+    order, groups = batches(grouped, 0)
+    assert sorted(order) == list(range(1000))  # every sample once per epoch
+    assert batches(EpochSampler(1000, seed=5, lengths=lengths, batch_size=8), 0)[0] == order  # seeded
+    assert batches(grouped, 1)[0] != order  # and fresh each epoch
+
+    def padded(groups):  # token slots a batch pads to, over the tokens it holds
+        return sum(8 * max(lengths[i] for i in g) for g in groups) / sum(lengths)
+
+    _, plain = batches(EpochSampler(1000, seed=5), 0)
+    assert padded(groups) < 1.1 and padded(plain) > 1.5
+    # the batches of a sorted run are shuffled: the epoch does not walk from long to short
+    tops = [max(lengths[i] for i in g) for g in groups[:32]]
+    assert tops != sorted(tops, reverse=True)
+    with pytest.raises(ValueError, match="3 lengths for 4 samples"):
+        EpochSampler(4, seed=0, lengths=[1, 2, 3])
+
+
+def test_group_by_length_needs_a_stage_with_lengths(tmp_path):
+    with pytest.raises(ConfigError, match="group_by_length"):
+        run_training(_cfg(tmp_path / "run", steps=2, group_by_length=True), ToyTask)

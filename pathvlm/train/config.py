@@ -25,6 +25,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     num_workers: int = 0
+    group_by_length: bool = False  # batches of similar-length samples (align, instruct): less padding
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
     cpu: bool = False  # force CPU even when CUDA is present
 

@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,11 +53,19 @@ class EpochSampler(Sampler):
     """A fresh permutation per epoch from (seed, epoch); yields ``(index, sample_seed)``.
 
     The per-sample seed drives augmentation, so no augmentation draws come from global RNG state
-    that a resume would have to replay.
+    that a resume would have to replay. With ``lengths`` (``train.group_by_length``) each run of
+    ``batch_size * GROUP_BATCHES`` permuted samples is sorted by length and cut into batches, and
+    the batches are shuffled: a batch holds samples of similar length, so it pads little, while
+    which samples share a batch stays random.
     """
 
-    def __init__(self, n: int, seed: int):
+    GROUP_BATCHES = 32
+
+    def __init__(self, n: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int = 1):
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} samples")
         self.n, self.seed, self.epoch = n, seed, 0
+        self.lengths, self.batch_size = lengths, batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -65,10 +73,23 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return self.n
 
+    def _order(self, gen: torch.Generator) -> list[int]:
+        order = torch.randperm(self.n, generator=gen).tolist()
+        if self.lengths is None:
+            return order
+        b, group = self.batch_size, self.batch_size * self.GROUP_BATCHES
+        full = self.n - self.n % b  # a last partial batch stays last (drop_last drops it)
+        batches = []
+        for start in range(0, full, group):
+            chunk = sorted(order[start:min(start + group, full)], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + b] for i in range(0, len(chunk), b)]
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        return [i for batch in shuffled for i in batch] + order[full:]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
-        for pos, index in enumerate(torch.randperm(self.n, generator=gen).tolist()):
+        for pos, index in enumerate(self._order(gen)):
             yield index, (base + pos) % (2**63)
 
 
@@ -198,7 +219,13 @@ def _build_loader(task: Task, tc: TrainConfigLike) -> tuple[DataLoader, EpochSam
     dataset = task.train_dataset()
     if len(dataset) < tc.batch_size:
         raise ConfigError(f"training set has {len(dataset)} samples, fewer than train.batch_size={tc.batch_size}")
-    sampler = EpochSampler(len(dataset), tc.seed)
+    lengths = None
+    if tc.group_by_length:
+        if not hasattr(task, "train_lengths"):
+            raise ConfigError("train.group_by_length: this stage's samples have no length to group by "
+                              "(it applies to align and instruct)")
+        lengths = task.train_lengths()
+    sampler = EpochSampler(len(dataset), tc.seed, lengths, tc.batch_size)
     # the loader's own generator: creating an iterator (e.g. on resume) must not draw from global RNG
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=task.collate,
                         drop_last=True, num_workers=tc.num_workers,

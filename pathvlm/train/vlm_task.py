@@ -165,6 +165,10 @@ class VlmTask:
     def collate(self, items: list) -> dict[str, torch.Tensor]:
         return collate_chats(items, self.pad_id)
 
+    def train_lengths(self) -> list[int]:
+        """Token count of each training sample (``train.group_by_length``)."""
+        return [len(ids) for _, ids, _ in self.train_set.samples]
+
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.vlm.device
         batch = {k: v.to(device) for k, v in batch.items()}
