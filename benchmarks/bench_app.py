@@ -39,7 +39,7 @@ def pick_model(name: str, tmp: Path) -> tuple[str, str]:
     from pathvlm.model import ModelConfig, build_model, load_model
 
     try:
-        load_model(name)
+        load_model(name, device="cpu")
         return name, name
     except ModelError as exc:
         print(f"note: {exc}\n      using a stand-in: openclip:pathvlm-vit-s-minilm + SmolLM2-135M, "

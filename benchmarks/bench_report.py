@@ -37,7 +37,7 @@ def warm(model_name: str, cases: list[tuple[str, str, object]]) -> None:
     from pathvlm.reports.from_model import ReportDrafter
 
     t = time.perf_counter()
-    drafter = ReportDrafter(load_model(model_name))
+    drafter = ReportDrafter(load_model(model_name, device="cpu"))  # the README's numbers are CPU numbers
     print(f"model load + scorer: {time.perf_counter() - t:.1f} s, RSS {_status_mib('VmRSS'):.0f} MiB")
     print("\n| input | report | per report (s, median of 3) | peak RSS (MiB) |\n|---|---|---|---|")
     for label, kind, item in cases:

@@ -50,14 +50,23 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
-    """The device given, or CUDA when available, else the CPU."""
-    if device is None:
+    """The device given (``cpu``, ``cuda``, ``cuda:1``), or CUDA when available, else the CPU."""
+    if device is None or device == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r}: not a device (use cpu, cuda or cuda:N)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this machine has no CUDA GPU (use cpu)")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: pathvlm runs on cpu or cuda")
+    return resolved
 
 
 def _device_type(device: str | torch.device | None) -> str:
-    return default_device(device).type
+    # the kind of device a precision is for; it need not be present (rules are checked anywhere)
+    return default_device(None).type if device is None else torch.device(device).type
 
 
 @functools.cache

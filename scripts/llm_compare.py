@@ -24,7 +24,7 @@ CHILD = r"""
 import json, sys, time
 from pathvlm.model import load_model
 model_dir, image, n_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
-t = time.perf_counter(); model = load_model(model_dir); load_s = time.perf_counter() - t
+t = time.perf_counter(); model = load_model(model_dir, device="cpu"); load_s = time.perf_counter() - t
 q = "Describe the morphology in this image."
 out = {"load_s": load_s, "llm": str(model.cfg.llm),
        "llm_params_m": sum(p.numel() for p in model.llm.parameters()) / 1e6}

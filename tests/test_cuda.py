@@ -172,10 +172,11 @@ def test_align_instruct_and_ask_on_the_gpu(tokenizer_source, tmp_path):
         losses = _losses(Path(cfg["train"]["out_dir"]))
         assert all(np.isfinite(v) for v in losses.values()) and len(losses) >= 2
 
-    vlm = load_model(tmp_path / "instruct")
+    vlm = load_model(tmp_path / "instruct", device="cpu")
     image = Image.open(tmp_path / "t0.png")
     question = "Is this tumour? Answer yes or no."
     on_cpu = vlm.ask(image, question, mpp=1.0, route=False, max_new_tokens=4)
+    assert vlm.device.type == "cpu"
     vlm.to("cuda")
     assert vlm.device.type == "cuda"
     on_gpu = vlm.ask(image, question, mpp=1.0, route=False, max_new_tokens=4)

@@ -256,7 +256,7 @@ def test_demo_chat_greedy_answers_are_identical_in_bf16(crc_tiles):
     diverging token."""
     from pathvlm.model import load_model
 
-    model = load_model("demo")
+    model = load_model("demo", device="cpu")  # the expectations below were measured on the CPU
     questions = ["What tissue is shown?", "Is there tumour in this tile? Answer yes or no."]
     cases = [(crc_tiles[0], questions[0]), (crc_tiles[0], questions[1]), (crc_tiles[5], questions[0])]
 
@@ -270,3 +270,17 @@ def test_demo_chat_greedy_answers_are_identical_in_bf16(crc_tiles):
         first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         assert first >= 10, (f"{q!r}: bf16 differs from token {first}: "
                         f"{model.tokenizer.decode(a)!r} vs {model.tokenizer.decode(b)!r}")
+
+
+def test_device_names_are_checked_with_one_clear_message():
+    from pathvlm.precision import default_device
+
+    assert default_device("cpu") == torch.device("cpu")
+    assert default_device("") == default_device(None)  # an empty PATHVLM_DEVICE means the default
+    with pytest.raises(ConfigError, match="'gpu': not a device"):
+        default_device("gpu")
+    with pytest.raises(ConfigError, match="'mps': pathvlm runs on cpu or cuda"):
+        default_device("mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'cuda:1': this machine has no CUDA GPU"):
+            default_device("cuda:1")

@@ -159,5 +159,7 @@ def load_model(name_or_dir: str | Path, precision: str = "fp32", merge_lora: boo
         raise ModelError(f"{run}: not a model run directory (no config.yaml)")
     from pathvlm.precision import default_device
 
-    model = _load_run_dir(run, merge_lora).to(default_device(device))  # weights are read on the CPU
+    model = _load_run_dir(run, merge_lora)  # weights are read on the CPU
+    if getattr(model.llm, "hf_quantizer", None) is None:  # bitsandbytes placed a quantised LLM itself
+        model = model.to(default_device(device))
     return model.set_precision(precision)

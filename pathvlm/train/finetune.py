@@ -64,11 +64,12 @@ def finetune_lora(cfg: Any, merge: bool = False) -> dict[str, Any]:
     task.vlm.train()
     run = run_training(cfg, lambda: task)
     report: dict[str, Any] = {"run": str(run), "model": cfg.init, "before": before,
-                              "after": score(load_model(run)),  # the saved run, as users will load it
+                              # the saved run, as users will load it, on the device "before" ran on
+                              "after": score(load_model(run, device=task.vlm.device)),
                               "n_train": len(task.train_set), "n_val": len(task.val_samples),
                               "n_closed": len(task.closed)}
     if merge:
         merged = merge_adapter(run, Path(run) / "merged")
-        report.update(merged=str(merged), after_merged=score(load_model(merged)))
+        report.update(merged=str(merged), after_merged=score(load_model(merged, device=task.vlm.device)))
     (Path(run) / "finetune_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -280,9 +280,15 @@ def start_model(cfg: Any, quantization: str | None = None) -> Any:
     """The PathVLM a stage starts from: ``cfg.init`` (a run dir / registered name) or a fresh
     build of ``cfg.model``; ``quantization="4bit"`` loads the LLM through bitsandbytes."""
     from pathvlm.model import build_model, load_model
+    from pathvlm.precision import default_device
 
+    # on the training device from the start: the task embeds every image once before accelerate
+    # places the model (a GPU unless train.cpu)
+    device = torch.device("cpu") if cfg.train.cpu else default_device()
     if quantization is None:
-        return load_model(cfg.init, merge_lora=False, device="cpu") if cfg.init else build_model(cfg.model)
+        if cfg.init:
+            return load_model(cfg.init, merge_lora=False, device=device)
+        return build_model(cfg.model).to(device)
     from pathvlm.config import load_config
     from pathvlm.model.loading import _MODELS, load_strict
     from pathvlm.model.vlm import ModelConfig
@@ -298,6 +304,11 @@ def start_model(cfg: Any, quantization: str | None = None) -> Any:
             from peft import PeftModel
 
             vlm.llm = PeftModel.from_pretrained(vlm.llm, str(run / "adapter"), is_trainable=True)
+    # bitsandbytes placed the 4-bit LLM; the other parts join it (PathVLM.device is the projector's)
+    llm_device = next(vlm.llm.parameters()).device
+    for part in ("encoder", "aggregator", "projector"):
+        if getattr(vlm, part) is not None:
+            getattr(vlm, part).to(llm_device)
     return vlm
 
 
