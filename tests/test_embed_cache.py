@@ -61,3 +61,38 @@ def test_second_embedding_of_the_same_files_is_read_back_and_changes_invalidate(
     embed_dataset(random, lambda im: im, ImageSequence(files))
     embed_dataset(random, lambda im: im, ImageSequence(files))
     assert len(calls) == 8  # random weights are never cached
+
+
+def test_training_bags_are_embedded_once_across_stages(files, monkeypatch):
+    """align and instruct embed the same images with the same encoder: the second stage reads the
+    bags back; other weights or a changed file embed again."""
+    import pathvlm.model.inputs
+    from pathvlm.train.vlm_task import embed_inputs_once
+
+    calls = []
+
+    def fake(path, encoder, transform, tile):
+        calls.append(path)
+        feats = torch.full((3, 4), float(len(calls)))
+        return [SimpleNamespace(bag=SimpleNamespace(features=feats))]
+
+    monkeypatch.setattr(pathvlm.model.inputs, "resolve_inputs", fake)
+
+    def vlm(weights="abc123", random=False):
+        encoder = _encoder(weights)
+        encoder.random_weights = random
+        return SimpleNamespace(encoder=encoder, transform=None, in_dim=4,
+                               cfg=SimpleNamespace(tile_mpp=1.0, tile_size=32))
+
+    first = embed_inputs_once(vlm(), files)
+    assert len(calls) == 3
+    again = embed_inputs_once(vlm(), files + files[:1])  # another stage, a repeated image
+    assert len(calls) == 3 and all(torch.equal(first[p], again[p]) for p in files)
+    embed_inputs_once(vlm("other"), files)
+    assert len(calls) == 6
+    os.utime(files[1], ns=(1, 1))
+    embed_inputs_once(vlm(), files)
+    assert calls[6:] == [files[1]]
+    embed_inputs_once(vlm(random=True), files)  # random weights are never cached
+    embed_inputs_once(vlm(random=True), files)
+    assert len(calls) == 7 + 6

@@ -198,21 +198,18 @@ def embed_dataset(
     """[N, D] unit image embeddings of every image (tiles at the tile scale averaged, as in chat);
     ``mpp``: each image's um/px (None: taken to be ``target_mpp``)."""
     from pathvlm.embed import pooled_image_embeddings
+    from pathvlm.embed_cache import load_array, save_array
     from pathvlm.encoders import build_transform, native_tile_size
 
     transform = transform or getattr(encoder, "transform", None) or build_transform(encoder)
     show = progress if progress is not None else len(images) > batch_size
     cache = _embedding_cache_path(encoder, images, mpp, target_mpp)
-    if cache is not None and cache.is_file():
-        return np.load(cache, allow_pickle=False)
+    if (cached := load_array(cache)) is not None:
+        return cached
     emb = pooled_image_embeddings(images, encoder, transform, native_tile_size(encoder), batch_size,
                                   progress=show, mpp=mpp, target_mpp=target_mpp)
     out = emb.numpy() if emb.numel() else np.zeros((0, 0), dtype=np.float32)
-    if cache is not None:  # written whole under a temporary name: never a partial file
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npy")
-        np.save(tmp, out)
-        tmp.replace(cache)
+    save_array(cache, out)
     return out
 
 
@@ -220,33 +217,16 @@ def _embedding_cache_path(encoder: Any, images: ImageSequence, mpp: list[float |
                           target_mpp: float | None = None):
     """Where the embeddings of these files under this encoder are kept between evaluations
     (linear probe, few-shot k = 1, 4, 16 and their seeds embed the same images), or None when the
-    encoder has no recorded weights hash or an item is not a file. The key covers the weights, the
-    precision, tile scale, test views, every file's path, size and mtime, the images' pixel sizes and the
-    perturbation; ``PATHVLM_EMBED_CACHE=0``
-    turns it off."""
-    import hashlib
-    import json
-    from pathlib import Path
+    encoder cannot be cached or an item is not a file (`pathvlm.embed_cache`). Beyond the encoder
+    and the files, the key covers the images' pixel sizes and the perturbation."""
+    from pathvlm.embed_cache import cache_path, encoder_key, file_stamp
 
-    from pathvlm.embed import encoder_views
-    from pathvlm.encoders import native_tile_size
-    from pathvlm.model.llm import cache_root
-
-    weights = getattr(encoder, "weights_hash", None)
-    if os.environ.get("PATHVLM_EMBED_CACHE", "1") == "0" or not weights or getattr(
-            encoder, "random_weights", False):
+    key = encoder_key(encoder)
+    files = [file_stamp(item) for item in images.paths]
+    if key is None or any(f is None for f in files):
         return None
-    files = []
-    for item in images.paths:
-        if not isinstance(item, (str, Path)) or not Path(item).is_file():
-            return None
-        st = Path(item).stat()
-        files.append([str(Path(item).resolve()), st.st_size, st.st_mtime_ns])
     pert = images.perturbation.describe() if images.perturbation is not None and images.perturbation.active else None
-    key = json.dumps([weights, getattr(encoder, "precision", "fp32"), native_tile_size(encoder),
-                      getattr(encoder, "tile_mpp", None), encoder_views(encoder), pert, files, mpp,
-                      target_mpp])  # images' own pixel sizes and the scale they were cut at
-    return cache_root() / "embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
+    return cache_path("embeddings", [*key, pert, files, mpp, target_mpp])
 
 
 def scale_summary(paths: list, mpps: list[float | None], tile_mpp: float | None) -> dict[str, Any]:

@@ -30,15 +30,27 @@ def input_path(rec: dict[str, Any]) -> str:
 
 
 def embed_inputs_once(vlm: Any, paths: list[str]) -> dict[str, torch.Tensor]:
-    """features [N, D] (float32, CPU) per distinct input path, encoded with the model's encoder."""
+    """features [N, D] (float32, CPU) per distinct input path, encoded with the model's encoder.
+
+    Each image's or slide's bag is kept on disk (`pathvlm.embed_cache`), so the instruct stage and
+    later fine-tunes read back what align embedded with the same encoder weights."""
+    from pathvlm.embed_cache import cache_path, encoder_key, file_stamp, load_array, save_array
     from pathvlm.model.inputs import resolve_inputs
     from pathvlm.slide import TileConfig
 
     tile = TileConfig(mpp=vlm.cfg.tile_mpp, size=vlm.cfg.tile_size)
+    key = encoder_key(vlm.encoder) if vlm.encoder is not None else None
     out: dict[str, torch.Tensor] = {}
     unique = sorted(set(paths))
+    read_back = 0
     with torch.no_grad():
         for i, path in enumerate(unique):
+            stamp = file_stamp(path)
+            cache = (cache_path("bags", [*key, tile.mpp, tile.size, stamp])
+                     if key is not None and stamp is not None and not str(path).endswith(".h5") else None)
+            if (cached := load_array(cache)) is not None:
+                out[path], read_back = torch.from_numpy(cached), read_back + 1
+                continue
             slides = resolve_inputs(path, vlm.encoder, vlm.transform, tile)
             if len(slides) != 1:
                 raise ConfigError(f"{path}: a training input must be one slide, image or feature file")
@@ -47,8 +59,11 @@ def embed_inputs_once(vlm: Any, paths: list[str]) -> dict[str, torch.Tensor]:
                 raise ConfigError(f"{path}: features have shape {tuple(feats.shape)}, the model expects "
                                   f"[N, {vlm.in_dim}]")
             out[path] = feats
+            save_array(cache, feats.numpy())
             if (i + 1) % 200 == 0:
                 log.info("embedded %d/%d inputs", i + 1, len(unique))
+    if read_back:
+        log.info("%d of %d inputs read back from the embedding cache", read_back, len(unique))
     return out
 
 
