@@ -3,8 +3,8 @@
 The key holds the encoder's weights hash, precision, tile size and scale and test views, plus each
 input file's path, size and mtime. A changed file or other weights therefore miss the cache.
 Encoders without a recorded weights hash, and random-weight ones, are never cached.
-``PATHVLM_EMBED_CACHE=0`` turns the cache off. Files are written whole under a temporary name, so
-there is never a partial one.
+``PATHVLM_EMBED_CACHE=0`` turns the cache off. Each file is written whole under a name of its own
+and then renamed, so a reader never sees a partial one; an unreadable file counts as a miss.
 """
 
 from __future__ import annotations
@@ -46,13 +46,28 @@ def cache_path(kind: str, key: list) -> Path:
 
 
 def load_array(path: Path | None) -> np.ndarray | None:
-    return np.load(path, allow_pickle=False) if path is not None and path.is_file() else None
+    """The cached array, or None when there is none or it cannot be read (then it is recomputed)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
 
 
 def save_array(path: Path | None, array: np.ndarray) -> None:
+    """Written under a name of this writer's own, then renamed: processes embedding the same
+    inputs at once (the ranks of a multi-GPU run) never write into one file."""
+    import tempfile
+
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.npy")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

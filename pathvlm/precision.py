@@ -59,6 +59,8 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
         raise ConfigError(f"device {device!r}: not a device (use cpu, cuda or cuda:N)") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r}: this machine has no CUDA GPU (use cpu)")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if resolved.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r}: pathvlm runs on cpu or cuda")
     return resolved
@@ -66,7 +68,12 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 
 def _device_type(device: str | torch.device | None) -> str:
     # the kind of device a precision is for; it need not be present (rules are checked anywhere)
-    return default_device(None).type if device is None else torch.device(device).type
+    if device is None or device == "":
+        return default_device(None).type
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r}: not a device (use cpu, cuda or cuda:N)") from exc
 
 
 @functools.cache

@@ -96,3 +96,33 @@ def test_training_bags_are_embedded_once_across_stages(files, monkeypatch):
     embed_inputs_once(vlm(random=True), files)  # random weights are never cached
     embed_inputs_once(vlm(random=True), files)
     assert len(calls) == 7 + 6
+
+
+def test_bag_cache_skips_manifests_and_rereads_nothing_unreadable(files, tmp_path, monkeypatch):
+    import pathvlm.model.inputs
+    from pathvlm.embed_cache import cache_path, encoder_key, file_stamp
+    from pathvlm.train.vlm_task import BAG_CACHE_VERSION, embed_inputs_once
+
+    calls = []
+
+    def fake(path, encoder, transform, tile):
+        calls.append(path)
+        return [SimpleNamespace(bag=SimpleNamespace(features=torch.ones(2, 4)))]
+
+    monkeypatch.setattr(pathvlm.model.inputs, "resolve_inputs", fake)
+    model = SimpleNamespace(encoder=_encoder(), transform=None, in_dim=4,
+                            cfg=SimpleNamespace(tile_mpp=1.0, tile_size=32))
+    manifest = tmp_path / "case.yaml"  # its slides can change while its own stamp does not
+    manifest.write_text("slides: []\n")
+    embed_inputs_once(model, [str(manifest)])
+    embed_inputs_once(model, [str(manifest)])
+    assert calls == [str(manifest)] * 2
+
+    embed_inputs_once(model, files[:1])
+    bag = cache_path("bags", [BAG_CACHE_VERSION, *encoder_key(model.encoder), 1.0, 32, file_stamp(files[0])])
+    assert bag.is_file() and not list(bag.parent.glob("*.tmp.npy"))
+    bag.write_bytes(b"not an array")  # a torn or foreign file is a miss, never an error
+    embed_inputs_once(model, files[:1])
+    np.save(bag, np.ones((2, 7), np.float32))  # another width than the model's: embedded again
+    embed_inputs_once(model, files[:1])
+    assert calls[2:] == files[:1] * 3

@@ -159,7 +159,15 @@ def load_model(name_or_dir: str | Path, precision: str = "fp32", merge_lora: boo
         raise ModelError(f"{run}: not a model run directory (no config.yaml)")
     from pathvlm.precision import default_device
 
+    target = default_device(device)  # a bad name fails before the weights are read
     model = _load_run_dir(run, merge_lora)  # weights are read on the CPU
-    if getattr(model.llm, "hf_quantizer", None) is None:  # bitsandbytes placed a quantised LLM itself
-        model = model.to(default_device(device))
+    if getattr(model.llm, "hf_quantizer", None) is None:
+        model = model.to(target)
+    else:  # bitsandbytes placed the quantised LLM itself: the other parts join it
+        llm_device = next(model.llm.parameters()).device
+        if device is not None and llm_device != target:
+            log.warning("%s: the quantised LLM is on %s; the model runs there, not on %s", run, llm_device, target)
+        for part in ("encoder", "aggregator", "projector"):
+            if getattr(model, part) is not None:
+                getattr(model, part).to(llm_device)
     return model.set_precision(precision)

@@ -55,8 +55,9 @@ class EpochSampler(Sampler):
     The per-sample seed drives augmentation, so no augmentation draws come from global RNG state
     that a resume would have to replay. With ``lengths`` (``train.group_by_length``) each run of
     ``batch_size * GROUP_BATCHES`` permuted samples is sorted by length and cut into batches, and
-    the batches are shuffled: a batch holds samples of similar length, so it pads little, while
-    which samples share a batch stays random.
+    all the epoch's batches are shuffled: a batch holds samples of similar length, so it pads
+    little; batch-mates are length neighbours within one run (in instruct data, often one
+    question type).
     """
 
     GROUP_BATCHES = 32

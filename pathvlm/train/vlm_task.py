@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 
 def input_path(rec: dict[str, Any]) -> str:
     return next(rec[k] for k in INPUT_KEYS if k in rec)
+
+
+# bump when tiling, tissue detection or pooling of training inputs changes: older bags are then missed
+BAG_CACHE_VERSION = 1
+_NOT_CACHED = {".h5", ".yaml", ".yml", ".json"}
 
 
 def embed_inputs_once(vlm: Any, paths: list[str]) -> dict[str, torch.Tensor]:
@@ -46,10 +52,14 @@ def embed_inputs_once(vlm: Any, paths: list[str]) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for i, path in enumerate(unique):
             stamp = file_stamp(path)
-            cache = (cache_path("bags", [*key, tile.mpp, tile.size, stamp])
-                     if key is not None and stamp is not None and not str(path).endswith(".h5") else None)
-            if (cached := load_array(cache)) is not None:
-                out[path], read_back = torch.from_numpy(cached), read_back + 1
+            # images and slides only: a feature file is read as is, and a case manifest's bag
+            # depends on files its own stamp does not cover
+            cache = (cache_path("bags", [BAG_CACHE_VERSION, *key, tile.mpp, tile.size, stamp])
+                     if key is not None and stamp is not None
+                     and Path(path).suffix.lower() not in _NOT_CACHED else None)
+            cached = load_array(cache)
+            if cached is not None and cached.ndim == 2 and cached.shape[1] == vlm.in_dim:
+                out[path], read_back = torch.from_numpy(cached.astype(np.float32, copy=False)), read_back + 1
                 continue
             slides = resolve_inputs(path, vlm.encoder, vlm.transform, tile)
             if len(slides) != 1:
@@ -315,6 +325,8 @@ def start_model(cfg: Any, quantization: str | None = None) -> Any:
         for part in ("aggregator", "projector", "encoder"):
             if getattr(vlm, part) is not None and (run / f"{part}.safetensors").is_file():
                 load_strict(getattr(vlm, part), run / f"{part}.safetensors")
+                if hasattr(getattr(vlm, part), "refresh_hash"):  # the bag cache is keyed by it
+                    getattr(vlm, part).refresh_hash()
         if (run / "adapter").is_dir():
             from peft import PeftModel
 
