@@ -49,14 +49,19 @@ def cpu_has_fast_bf16() -> bool:
     return any(flag in cpu_flags() for flag in FAST_BF16_CPU_FLAGS)
 
 
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    """The device given (``cpu``, ``cuda``, ``cuda:1``), or CUDA when available, else the CPU."""
+def _parse_device(device: str | torch.device | None) -> torch.device:
+    """The device named (None or "": CUDA when available, else the CPU); it need not be present."""
     if device is None or device == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        resolved = torch.device(device)
+        return torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"device {device!r}: not a device (use cpu, cuda or cuda:N)") from exc
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """The device given (``cpu``, ``cuda``, ``cuda:1``), or CUDA when available, else the CPU."""
+    resolved = _parse_device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r}: this machine has no CUDA GPU (use cpu)")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
@@ -68,12 +73,7 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 
 def _device_type(device: str | torch.device | None) -> str:
     # the kind of device a precision is for; it need not be present (rules are checked anywhere)
-    if device is None or device == "":
-        return default_device(None).type
-    try:
-        return torch.device(device).type
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device {device!r}: not a device (use cpu, cuda or cuda:N)") from exc
+    return _parse_device(device).type
 
 
 @functools.cache

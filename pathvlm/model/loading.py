@@ -82,6 +82,24 @@ def save_model_dir(model: Any, out_dir: Path) -> Path:
     return out_dir
 
 
+def load_part(module: nn.Module, file: Path) -> None:
+    """Strictly load one part's weights; an encoder's hash then describes the weights it holds
+    (provenance and the embedding cache are keyed by it)."""
+    load_strict(module, file)
+    if hasattr(module, "refresh_hash"):
+        module.refresh_hash()
+
+
+def join_llm_device(vlm: Any) -> Any:
+    """The device bitsandbytes placed a quantised LLM on; the encoder, aggregator and projector
+    move there (``PathVLM.device`` is the projector's)."""
+    device = next(vlm.llm.parameters()).device
+    for part in _PARTS:
+        if getattr(vlm, part) is not None:
+            getattr(vlm, part).to(device)
+    return device
+
+
 def _load_run_dir(run: Path, merge_lora: bool = True) -> Any:
     from pathvlm.config import load_config
     from pathvlm.model.vlm import ModelConfig, build_model
@@ -102,9 +120,7 @@ def _load_run_dir(run: Path, merge_lora: bool = True) -> Any:
         if module is None:
             continue
         if file.is_file():
-            load_strict(module, file)
-            if hasattr(module, "refresh_hash"):  # the hash was taken from the weights before loading
-                module.refresh_hash()
+            load_part(module, file)
         elif part != "encoder":  # an encoder may come unchanged from its own registry weights
             raise ModelError(f"{run}: missing {file.name}")
     meta_path = run / "meta.json"
@@ -164,10 +180,7 @@ def load_model(name_or_dir: str | Path, precision: str = "fp32", merge_lora: boo
     if getattr(model.llm, "hf_quantizer", None) is None:
         model = model.to(target)
     else:  # bitsandbytes placed the quantised LLM itself: the other parts join it
-        llm_device = next(model.llm.parameters()).device
+        llm_device = join_llm_device(model)
         if device is not None and llm_device != target:
             log.warning("%s: the quantised LLM is on %s; the model runs there, not on %s", run, llm_device, target)
-        for part in ("encoder", "aggregator", "projector"):
-            if getattr(model, part) is not None:
-                getattr(model, part).to(llm_device)
     return model.set_precision(precision)

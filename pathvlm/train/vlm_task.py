@@ -315,7 +315,7 @@ def start_model(cfg: Any, quantization: str | None = None) -> Any:
             return load_model(cfg.init, merge_lora=False, device=device)
         return build_model(cfg.model).to(device)
     from pathvlm.config import load_config
-    from pathvlm.model.loading import _MODELS, load_strict
+    from pathvlm.model.loading import _MODELS, join_llm_device, load_part
     from pathvlm.model.vlm import ModelConfig
 
     run = _MODELS.get(cfg.init, Path(cfg.init).expanduser()) if cfg.init else None
@@ -324,18 +324,12 @@ def start_model(cfg: Any, quantization: str | None = None) -> Any:
     if run is not None:
         for part in ("aggregator", "projector", "encoder"):
             if getattr(vlm, part) is not None and (run / f"{part}.safetensors").is_file():
-                load_strict(getattr(vlm, part), run / f"{part}.safetensors")
-                if hasattr(getattr(vlm, part), "refresh_hash"):  # the bag cache is keyed by it
-                    getattr(vlm, part).refresh_hash()
+                load_part(getattr(vlm, part), run / f"{part}.safetensors")
         if (run / "adapter").is_dir():
             from peft import PeftModel
 
             vlm.llm = PeftModel.from_pretrained(vlm.llm, str(run / "adapter"), is_trainable=True)
-    # bitsandbytes placed the 4-bit LLM; the other parts join it (PathVLM.device is the projector's)
-    llm_device = next(vlm.llm.parameters()).device
-    for part in ("encoder", "aggregator", "projector"):
-        if getattr(vlm, part) is not None:
-            getattr(vlm, part).to(llm_device)
+    join_llm_device(vlm)
     return vlm
 
 
