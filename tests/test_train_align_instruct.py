@@ -8,23 +8,21 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 from pathvlm.cli import main
 from pathvlm.errors import ModelError
 from pathvlm.model import ModelConfig, build_model, load_model
 from pathvlm.model.processor import SLIDE_TOKEN, SlideSlot, add_slide_token, render_conversation
+from tests.train_helpers import write_vlm_data
 
 TINY_MODEL = {"encoder": "openclip:pathvlm-tiny", "n_tokens": 4, "hidden_dim": 32, "max_case_tokens": 8,
               "tile_size": 32, "llm_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                               "num_attention_heads": 4, "num_key_value_heads": 2,
                                               "tie_word_embeddings": True}}
-CAPTIONS = ("Malignant glands with necrotic debris.", "Normal mucosa with goblet cells.")
 
 
 def _metrics(run: Path) -> list[dict[str, str]]:
@@ -48,21 +46,7 @@ def _train(stage: str, cfg: dict, tmp: Path, *overrides: str) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """16 tiles of two colour-coded classes: pairs and yes/no conversations (relative paths)."""
-    root = tmp_path_factory.mktemp("vlm_data")
-    rng = np.random.default_rng(0)
-    pairs, chats = [], []
-    for i in range(16):
-        c = i % 2
-        base = np.array([200, 60, 90] if c == 0 else [120, 90, 210], dtype=float)
-        pixels = np.clip(base + rng.normal(0, 25, (64, 64, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / f"t{i}.png")
-        pairs.append({"image": f"t{i}.png", "text": CAPTIONS[c], "specimen": f"s{i}"})
-        chats.append({"image": f"t{i}.png", "specimen": f"s{i}", "answer": "yes" if c == 0 else "no",
-                      "messages": [{"role": "user", "content": f"{SLIDE_TOKEN}\nIs this tumour? Answer yes or no."},
-                                   {"role": "assistant", "content": "Yes." if c == 0 else "No."}]})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    (root / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
-    return root
+    return write_vlm_data(tmp_path_factory.mktemp("vlm_data"))
 
 
 def _loop(out: Path, steps: int) -> dict:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pathvlm.cli import main
+from tests.train_helpers import train_losses, write_mil_labels
 
 REPO = Path(__file__).resolve().parents[1]
 CRC_YAML = REPO / "configs" / "classes" / "crc_tissue.yaml"
@@ -22,11 +23,6 @@ def _clip_args(data: Path, out: Path, *extra: str) -> list[str]:
             f"train.out_dir={out}", f"data.train={data / 'pairs_train.jsonl'}", f"data.val={data / 'pairs_val.jsonl'}",
             f"data.classes={CRC_YAML}", "model.encoder=openclip:pathvlm-tiny", "train.batch_size=8",
             "train.log_every=1", "optim.lr=0.002", "optim.warmup_steps=2", "train.cpu=true", *extra]
-
-
-def _losses(run: Path) -> dict[int, float]:
-    with (run / "metrics.csv").open() as fh:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(fh) if r.get("train/loss")}
 
 
 def _initial_tiny_state() -> dict[str, torch.Tensor]:
@@ -48,7 +44,7 @@ def test_clip_learns_locks_text_resumes_and_reloads(pairs_dir, tmp_path):
     args = _clip_args(pairs_dir, run, "train.steps=24", "train.save_every=12", "train.eval_every=12",
                       "model.lock_text=true", "model.lock_image=false")
     assert main(args) == 0
-    losses = _losses(run)
+    losses = train_losses(run)
     assert np.mean([losses[s] for s in range(20, 25)]) < 0.85 * np.mean([losses[s] for s in range(1, 6)])
     for name in ("config.yaml", "meta.json", "loss_curve.png", "encoder/open_clip_model.safetensors"):
         assert (run / name).is_file(), name
@@ -64,7 +60,7 @@ def test_clip_learns_locks_text_resumes_and_reloads(pairs_dir, tmp_path):
     shutil.rmtree(run / "checkpoints" / "step_0000024")
     shutil.rmtree(run / "encoder")
     assert main(args) == 0
-    resumed = _losses(run)
+    resumed = train_losses(run)
     for step in range(13, 25):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5), step
     again = load_file(str(run / "encoder" / "open_clip_model.safetensors"))
@@ -96,37 +92,18 @@ def test_train_bad_config_is_one_line_exit_2(pairs_dir, tmp_path, capsys):
     assert "data.train" in capsys.readouterr().err
 
 
-def _mil_csv(root: Path, dim: int = 16) -> Path:
-    from pathvlm.features import write_features
-
-    rng = np.random.default_rng(0)
-    centres = {"TUM": rng.normal(0, 1, dim), "NORM": rng.normal(0, 1, dim)}
-    rows = ["slide_id,features,label,split"]
-    for label, centre in centres.items():
-        for i in range(8):
-            n = int(rng.integers(20, 60))
-            # a minority of label-specific patches among shared background patches: a real MIL signal
-            feats = rng.normal(0, 1, (n, dim))
-            feats[: n // 4] += 2.0 * centre
-            write_features(root / f"{label}_{i}.h5", feats.astype(np.float32), np.zeros((n, 2), np.int64),
-                           {"encoder": "synthetic"})
-            rows.append(f"{label}_{i},{label}_{i}.h5,{label},{'val' if i >= 6 else 'train'}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root / "labels.csv"
-
-
 def test_mil_learns_slide_labels_and_reloads(tmp_path):
     pytest.importorskip("pathvlm.model.aggregators", reason="pathvlm.model aggregators have not landed yet")
     from pathvlm.features import load_features
     from pathvlm.train.mil_task import collate_bags, load_mil_classifier
 
-    labels = _mil_csv(tmp_path)
+    labels = write_mil_labels(tmp_path)
     run = tmp_path / "run"
     assert main(["-q", "train", "mil", "-c", str(REPO / "configs" / "train" / "mil.yaml"), f"train.out_dir={run}",
                  f"data.labels={labels}", "train.steps=30", "train.batch_size=4", "train.log_every=1",
                  "train.eval_every=30", "train.save_every=30", "optim.lr=0.01", "optim.warmup_steps=2",
                  "model.hidden_dim=16", "train.cpu=true"]) == 0
-    losses = _losses(run)
+    losses = train_losses(run)
     assert np.mean([losses[s] for s in range(26, 31)]) < 0.6 * np.mean([losses[s] for s in range(1, 6)])
     with (run / "metrics.csv").open() as fh:
         final = [r for r in csv.DictReader(fh) if r.get("val/bacc")][-1]
