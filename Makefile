@@ -35,9 +35,19 @@ bench: setup
 # The shipped pathvlm-demo model (MODEL_CARD.md), from the real data to pathvlm/model/weights/demo/:
 # clip (encoder) -> align (aggregator + projector) -> instruct (LoRA + projector), then evaluation.
 # Measured time on the idle 2-core CPU box: see MODEL_CARD.md ("Training").
+# `make demo-model DEMO_OUT=runs/rebuilt DEMO_EVAL=0 EVAL_OUT=runs/rebuilt_eval` rebuilds into another folder
+# (the shipped weights stay), calibrates that model and skips the evaluation.
 DATA ?= ../shared/data
 DEMO_ENCODER ?= runs/clip_demo/encoder
 DEMO_OUT ?= pathvlm/model/weights/demo
+# align reads the new encoder from DEMO_OUT: by its registered name when that is the shipped folder
+DEMO_DEFAULT_OUT := $(filter pathvlm/model/weights/demo,$(DEMO_OUT))
+DEMO_ENCODER_SPEC := $(if $(DEMO_DEFAULT_OUT),pathvlm-demo,local-dir:$(abspath $(DEMO_OUT))/encoder)
+DEMO_MODEL := $(if $(DEMO_DEFAULT_OUT),demo,$(abspath $(DEMO_OUT)))
+DEMO_EVAL ?= 1
+# calibrate / demo-eval: the model (registered name or run folder) and where its tables go
+MODEL ?= demo
+EVAL_OUT ?= runs/demo_eval
 demo-model: setup
 	$(VENV)/bin/pathvlm data build $(DATA)/crc_tiles/index.csv --classes configs/classes/crc_tissue.yaml -o data/crc
 	$(VENV)/bin/pathvlm data build $(DATA)/lymphoma_nia/index.csv --classes configs/classes/lymphoma.yaml \
@@ -57,26 +67,26 @@ demo-model: setup
 		> data/demo/instruct_train.jsonl
 	rm -rf runs/clip_demo runs/align_demo runs/instruct_demo
 	OMP_NUM_THREADS=2 $(VENV)/bin/pathvlm train clip -c configs/train/clip_demo.yaml
-	# the encoder alone first: align reads it by its registered name, pathvlm-demo
+	# the encoder alone first: align reads it from DEMO_OUT (registered name pathvlm-demo when shipped)
 	$(PY) -m pathvlm.model.demo --encoder $(DEMO_ENCODER) --clip-run runs/clip_demo --out $(DEMO_OUT)
-	OMP_NUM_THREADS=2 $(VENV)/bin/pathvlm train align -c configs/train/align_demo.yaml
+	OMP_NUM_THREADS=2 $(VENV)/bin/pathvlm train align -c configs/train/align_demo.yaml model.encoder=$(DEMO_ENCODER_SPEC)
 	OMP_NUM_THREADS=2 $(VENV)/bin/pathvlm train instruct -c configs/train/instruct_demo.yaml
 	$(PY) -m pathvlm.model.demo --encoder $(DEMO_ENCODER) --clip-run runs/clip_demo \
 		--align-run runs/align_demo --vlm-run runs/instruct_demo --out $(DEMO_OUT)
-	$(MAKE) calibrate
-	$(MAKE) demo-eval
+	$(MAKE) calibrate MODEL=$(DEMO_MODEL)
+	if [ "$(DEMO_EVAL)" = 1 ]; then $(MAKE) demo-eval MODEL=$(DEMO_MODEL); fi
 
 # Calibration of the report fields on val, written beside the weights, then its table
 # (MODEL_CARD "Calibrated report fields"); ~8 min on the loaded 2-core box.
 calibrate: setup
-	$(VENV)/bin/pathvlm calibrate --model demo --data $(DATA)
-	mkdir -p runs/demo_eval
-	$(VENV)/bin/pathvlm eval report --model demo --data $(DATA) --json runs/demo_eval/report_fields.json
+	$(VENV)/bin/pathvlm calibrate --model $(MODEL) --data $(DATA)
+	mkdir -p $(EVAL_OUT)
+	$(VENV)/bin/pathvlm eval report --model $(MODEL) --data $(DATA) --json $(EVAL_OUT)/report_fields.json
 
 # Every number of MODEL_CARD.md's metrics table, into runs/demo_eval/ (validation splits only).
 demo-eval: setup
-	mkdir -p runs/demo_eval
-	DATA=$(DATA) $(PY) scripts/demo_eval.py --out runs/demo_eval
+	mkdir -p $(EVAL_OUT)
+	DATA=$(DATA) $(PY) scripts/demo_eval.py --model $(MODEL) --out $(EVAL_OUT)
 
 clean-venv:
 	rm -rf $(VENV)

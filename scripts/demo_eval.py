@@ -193,13 +193,21 @@ def run(data: Path, out: Path, model: str, encoder: str, skip_llm: bool) -> Path
     return summary
 
 
+def model_encoder(model: str) -> str:
+    """The `--model` of the encoder evaluations for a model: its run directory's own encoder, or the
+    shipped demo encoder for a registered name."""
+    encoder_dir = Path(model) / "encoder"
+    return f"encoder:local-dir:{encoder_dir.resolve()}" if encoder_dir.is_dir() else "encoder:pathvlm-demo"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("DATA", os.environ.get(
         "PATHVLM_DATA", "../shared/data"))))
     parser.add_argument("--out", type=Path, default=Path("runs/demo_eval"))
     parser.add_argument("--model", default="demo", help="load_model name or run directory")
-    parser.add_argument("--encoder", default="encoder:pathvlm-demo", help="--model for the encoder evals")
+    parser.add_argument("--encoder", help="--model for the encoder evals (default: the encoder of --model: "
+                        "encoder:pathvlm-demo, or encoder:local-dir:<run directory>/encoder)")
     parser.add_argument("--skip-llm", action="store_true", help="only the encoder evaluations")
     parser.add_argument("--resume", action="store_true",
                         help="keep evaluations whose JSON is already in --out (a killed run goes on)")
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.data / "lymphoma_nia" / "index.csv").is_file():
         print(f"{args.data}: no lymphoma_nia/index.csv (set DATA or PATHVLM_DATA)", file=sys.stderr)
         return 2
-    run(args.data, args.out, args.model, args.encoder, args.skip_llm)
+    run(args.data, args.out, args.model, args.encoder or model_encoder(args.model), args.skip_llm)
     return 0
 
 

@@ -108,3 +108,50 @@ def test_load_model_demo_offline(monkeypatch):
     # the encoder records the same scale; its 224 px input is the 112 px tile upsampled
     assert (model.encoder.tile_mpp, model.encoder.tile_size) == (model.cfg.tile_mpp, model.cfg.tile_size)
     assert model.encoder.model_cfg["vision_cfg"]["image_size"] == 224
+
+
+def _make_plan(*assignments: str) -> list[str]:
+    """The commands `make demo-model` would run (make -n), one per line."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = subprocess.run(["make", "-n", "-s", "demo-model", *assignments], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    return out.splitlines()
+
+
+def _line(plan: list[str], needle: str) -> str:
+    hits = [line for line in plan if needle in line]
+    assert len(hits) == 1, (needle, plan)
+    return hits[0]
+
+
+def test_make_demo_model_builds_calibrates_and_evaluates_the_model_in_demo_out(tmp_path):
+    out = tmp_path / "rebuilt"
+    plan = _make_plan(f"DEMO_OUT={out}", "DEMO_EVAL=1")
+    # align reads the new encoder from DEMO_OUT, not the shipped one of the same name
+    assert f"model.encoder=local-dir:{out}/encoder" in _line(plan, "train align")
+    assert f"--out {out}" in _line(plan, "--vlm-run")
+    # the sub-makes calibrate and evaluate that model
+    assert f"--model {out} " in _line(plan, "pathvlm calibrate")
+    assert f"--model {out} " in _line(plan, "pathvlm eval report")
+    assert f"--model {out} " in _line(plan, "scripts/demo_eval.py")
+
+
+def test_make_demo_model_by_default_rebuilds_the_shipped_model():
+    plan = _make_plan()
+    assert "model.encoder=pathvlm-demo" in _line(plan, "train align")
+    assert "--out pathvlm/model/weights/demo" in _line(plan, "--vlm-run")
+    assert "--model demo " in _line(plan, "pathvlm calibrate")
+    assert "--model demo " in _line(plan, "scripts/demo_eval.py")
+
+
+def test_demo_eval_scores_the_encoder_of_the_model_it_evaluates(tmp_path):
+    from conftest import load_script
+
+    demo_eval = load_script("demo_eval")
+    (tmp_path / "encoder").mkdir()
+    assert demo_eval.model_encoder(str(tmp_path)) == f"encoder:local-dir:{tmp_path.resolve() / 'encoder'}"
+    assert demo_eval.model_encoder("demo") == "encoder:pathvlm-demo"
