@@ -222,8 +222,10 @@ def _embedding_cache_path(encoder: Any, images: ImageSequence, mpp: list[float |
     from pathvlm.embed_cache import cache_path, encoder_key, file_stamp
 
     key = encoder_key(encoder)
+    if key is None:
+        return None
     files = [file_stamp(item) for item in images.paths]
-    if key is None or any(f is None for f in files):
+    if any(f is None for f in files):
         return None
     pert = images.perturbation.describe() if images.perturbation is not None and images.perturbation.active else None
     return cache_path("embeddings", [*key, pert, files, mpp, target_mpp])

@@ -35,12 +35,23 @@ BAG_CACHE_VERSION = 1
 _NOT_CACHED = {".h5", ".yaml", ".yml", ".json"}
 
 
+def _bag_cache_path(key: list | None, tile: Any, path: str) -> Path | None:
+    """Where an image's or slide's bag is kept, or None when it is not cached: a feature file is read
+    as is, and a case manifest's bag depends on files its own stamp does not cover."""
+    from pathvlm.embed_cache import cache_path, file_stamp
+
+    if key is None or Path(path).suffix.lower() in _NOT_CACHED:
+        return None
+    stamp = file_stamp(path)
+    return None if stamp is None else cache_path("bags", [BAG_CACHE_VERSION, *key, tile.mpp, tile.size, stamp])
+
+
 def embed_inputs_once(vlm: Any, paths: list[str]) -> dict[str, torch.Tensor]:
     """features [N, D] (float32, CPU) per distinct input path, encoded with the model's encoder.
 
     Each image's or slide's bag is kept on disk (`pathvlm.embed_cache`), so the instruct stage and
     later fine-tunes read back what align embedded with the same encoder weights."""
-    from pathvlm.embed_cache import cache_path, encoder_key, file_stamp, load_array, save_array
+    from pathvlm.embed_cache import encoder_key, load_array, save_array
     from pathvlm.model.inputs import resolve_inputs
     from pathvlm.slide import TileConfig
 
@@ -51,12 +62,7 @@ def embed_inputs_once(vlm: Any, paths: list[str]) -> dict[str, torch.Tensor]:
     read_back = 0
     with torch.no_grad():
         for i, path in enumerate(unique):
-            stamp = file_stamp(path)
-            # images and slides only: a feature file is read as is, and a case manifest's bag
-            # depends on files its own stamp does not cover
-            cache = (cache_path("bags", [BAG_CACHE_VERSION, *key, tile.mpp, tile.size, stamp])
-                     if key is not None and stamp is not None
-                     and Path(path).suffix.lower() not in _NOT_CACHED else None)
+            cache = _bag_cache_path(key, tile, path)
             cached = load_array(cache)
             if cached is not None and cached.ndim == 2 and cached.shape[1] == vlm.in_dim:
                 out[path], read_back = torch.from_numpy(cached.astype(np.float32, copy=False)), read_back + 1
